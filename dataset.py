@@ -1,0 +1,274 @@
+"""FER2013 in the Kaggle CSV layout: parsed once, vectorised, cached as uint8 arrays.
+
+    python3 dataset.py -d ../shared/data/fer2013.csv.gz   # class table + bar chart in ./outputs
+    python3 dataset.py -d synthetic                         # the built-in synthetic faces
+
+The CSV has a header `emotion,pixels,Usage` (the competition's icml_face_data.csv writes
+` Usage` and ` pixels`), one face per row: a label 0-6, 2304 space-separated grey levels of a
+48x48 face, and the split. Plain, .gz, .xz and .zip files are read. The decoded arrays are cached
+(keyed on the file's path, size and modification time), so only the first start pays the parse.
+"""
+import argparse
+import hashlib
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from utils import EMOTIONS, UserError, atomic_write
+
+SPLITS = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
+USAGES = tuple(SPLITS.values())
+SIDE = 48
+PIXELS = SIDE * SIDE
+DEFAULT_CSV = "./data/fer2013.csv"
+SYNTHETIC_CSV = "./data/synthetic.csv"
+CACHE_VERSION = 1
+# Why a row is bad, by code; 0 means good.
+BAD_REASONS = {1: "has {n} pixel values instead of 2304",
+               2: "has pixels that are not whole numbers in 0-255",
+               3: "has an emotion label outside 0-6",
+               4: "has an unknown Usage (not Training, PublicTest or PrivateTest)"}
+WHERE_TO_GET = ("FER2013 comes from the Kaggle challenge 'Challenges in Representation Learning: "
+                "Facial Expression Recognition' (fer2013.csv, or icml_face_data.csv); put it at "
+                "./data/fer2013.csv or pass its path with -d. To try the tool without it, use the "
+                "built-in synthetic faces: -d synthetic.")
+
+
+@dataclass
+class FerData:
+    """All faces of one CSV: images (N, 48, 48) uint8, labels (N,) int64, usage (N,) int8
+    (index into USAGES)."""
+    images: np.ndarray
+    labels: np.ndarray
+    usage: np.ndarray
+    source: str
+
+    def split(self, name):
+        """(images, labels) of split 'train' | 'val' | 'test'; an empty split is a UserError."""
+        mask = self.usage == USAGES.index(SPLITS[name])
+        if not mask.any():
+            raise UserError(f"{self.source} has no {SPLITS[name]} rows, so the '{name}' split is "
+                            "empty; the tool needs Training, PublicTest and PrivateTest rows.")
+        return self.images[mask], self.labels[mask]
+
+
+def resolve_path(path):
+    """`synthetic` names the built-in data set (drawn once, then reused); anything else is a path."""
+    if path == "synthetic":
+        if not os.path.exists(SYNTHETIC_CSV):
+            import synthetic
+            print(f"drawing the built-in synthetic faces into {SYNTHETIC_CSV}")
+            synthetic.write_synthetic_csv(SYNTHETIC_CSV)
+        return SYNTHETIC_CSV
+    if not os.path.exists(path):
+        raise UserError(f"no dataset at {path}. {WHERE_TO_GET}")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; -d wants the FER2013 CSV file. {WHERE_TO_GET}")
+    return path
+
+
+def _parse_pixel_rows(rows):
+    """Decode a list of pixel strings: (values int16 of every token, tokens per row, bad row mask).
+
+    Vectorised over the bytes of all rows at once: a token ends at each separator, its value is
+    read from its last three digits. Runs in threads: numpy releases the GIL, so both cores work."""
+    lengths = np.fromiter((len(r) for r in rows), np.int64, len(rows))
+    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    text = np.frombuffer((" ".join(rows) + " ").encode("latin-1", "replace"), np.uint8)
+    sep = text == 32
+    ends = np.flatnonzero(sep)
+    tokens_per_row = np.add.reduceat(sep, starts).astype(np.int64)
+    token_len = np.diff(ends, prepend=-1) - 1
+    digits = text.astype(np.int16) - 48
+    values = digits[ends - 1].copy()
+    two = token_len >= 2
+    values[two] += 10 * digits[ends[two] - 2]
+    three = token_len >= 3
+    values[three] += 100 * digits[ends[three] - 3]
+    bad = (lengths == 0) | (tokens_per_row != PIXELS)
+    stray = np.flatnonzero(~sep & ((text < 48) | (text > 57)))  # anything but digits and spaces
+    token_row = np.repeat(np.arange(len(rows)), tokens_per_row)
+    odd = (token_len == 0) | (token_len > 3) | (values > 255)
+    bad[np.searchsorted(starts, stray, side="right") - 1] = True
+    bad[token_row[odd]] = True
+    return values, tokens_per_row, bad
+
+
+def _decode_pixels(pixel_strings, chunk=512):
+    """All rows -> (images (N, 48, 48) uint8 with zeros for bad rows, tokens per row, bad mask)."""
+    chunks = [pixel_strings[i:i + chunk] for i in range(0, len(pixel_strings), chunk)]
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        parts = list(pool.map(_parse_pixel_rows, chunks))
+    images = np.zeros((len(pixel_strings), SIDE, SIDE), np.uint8)
+    tokens = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+    bad = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, bool)
+    row = 0
+    for values, per_row, bad_rows in parts:
+        good = ~bad_rows
+        if good.all():
+            images[row:row + len(per_row)] = values.reshape(-1, SIDE, SIDE)
+        else:
+            offsets = np.concatenate([[0], np.cumsum(per_row)[:-1]])[good]
+            gathered = values[offsets[:, None] + np.arange(PIXELS)]
+            images[row + np.flatnonzero(good)] = gathered.reshape(-1, SIDE, SIDE)
+        row += len(per_row)
+    return images, tokens, bad
+
+
+def _read_table(path):
+    import pandas as pd
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, compression="infer")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError,
+            OSError, EOFError) as err:
+        raise UserError(f"{path} could not be read as a CSV ({type(err).__name__}: {err}). "
+                        f"{WHERE_TO_GET}") from err
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in ("emotion", "pixels", "Usage") if c not in table.columns]
+    if missing:
+        raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; a FER2013 CSV has the "
+                        f"header emotion,pixels,Usage (found: {', '.join(table.columns)}).")
+    return table
+
+
+def decode_csv(path):
+    """Parse the whole CSV: a dict of arrays, with a reason code per row (0 = good)."""
+    import pandas as pd
+    table = _read_table(path)
+    images, tokens, bad_pixels = _decode_pixels(table["pixels"].tolist())
+    labels = pd.to_numeric(table["emotion"].str.strip(), errors="coerce").to_numpy(np.float64)
+    good_label = np.isin(labels, np.arange(7))
+    usage_text = table["Usage"].str.strip()
+    usage = np.full(len(table), -1, np.int8)
+    for code, name in enumerate(USAGES):
+        usage[(usage_text == name).to_numpy()] = code
+    reason = np.zeros(len(table), np.int8)
+    # The first matching reason wins, most basic first.
+    reason[usage < 0] = 4
+    reason[~good_label] = 3
+    reason[bad_pixels & (tokens == PIXELS)] = 2
+    reason[bad_pixels & (tokens != PIXELS)] = 1
+    return {"images": images, "labels": np.where(good_label, labels, -1).astype(np.int64),
+            "usage": usage, "reason": reason, "tokens": tokens}
+
+
+def default_cache_dir():
+    return os.environ.get("FER_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                        "data", "cache"))
+
+
+def cache_path(path, cache_dir):
+    stat = os.stat(path)
+    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_VERSION}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    name = os.path.basename(path).split(".")[0]
+    return os.path.join(cache_dir, f"{name}-{digest}.npz")
+
+
+def _load_or_decode(path, cache_dir, log):
+    cached = cache_path(path, cache_dir) if cache_dir else None
+    if cached and os.path.exists(cached):
+        try:
+            with np.load(cached) as arrays:
+                return {k: arrays[k] for k in arrays.files}
+        except (OSError, ValueError, KeyError):
+            log(f"warning: ignoring the unreadable cache {cached}")
+    arrays = decode_csv(path)
+    if cached:
+        try:
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            atomic_write(cached, lambda f: f.write(buffer.getbuffer()))
+        except OSError as err:  # a read-only place only costs speed
+            log(f"warning: could not cache the decoded data in {cache_dir}: {err}")
+    return arrays
+
+
+def describe_bad_rows(reason, tokens, source, shown=5):
+    lines = np.flatnonzero(reason)
+    details = []
+    for row in lines[:shown]:
+        text = BAD_REASONS[int(reason[row])].format(n=int(tokens[row]))
+        details.append(f"line {row + 2} {text}")  # +2: the header, and lines count from 1
+    more = f" and {len(lines) - shown} more" if len(lines) > shown else ""
+    return (f"{source}: {len(lines)} of {len(reason)} rows are bad: "
+            f"{'; '.join(details)}{more}.")
+
+
+def load_fer2013(path, skip_bad_rows=False, cache_dir="default", log=print):
+    """Read a FER2013 CSV (or `synthetic`) into a FerData; bad rows are a UserError unless
+    skip_bad_rows, which drops them with a warning that counts them."""
+    path = resolve_path(path)
+    arrays = _load_or_decode(path, default_cache_dir() if cache_dir == "default" else cache_dir, log)
+    reason = arrays["reason"]
+    if reason.any():
+        message = describe_bad_rows(reason, arrays["tokens"], path)
+        if not skip_bad_rows:
+            raise UserError(f"{message} Fix the file, or pass --skip-bad-rows to drop them.")
+        log(f"warning: {message} Dropped them (--skip-bad-rows).")
+    good = reason == 0
+    if not good.any():
+        raise UserError(f"{path} has no usable rows.")
+    return FerData(arrays["images"][good], arrays["labels"][good], arrays["usage"][good], path)
+
+
+def class_counts(data):
+    """{split name: counts per class}, for the splits present."""
+    return {name: np.bincount(data.labels[data.usage == code], minlength=7)
+            for code, name in enumerate(USAGES) if (data.usage == code).any()}
+
+
+def class_table(counts):
+    head = "| split | rows | " + " | ".join(EMOTIONS) + " |"
+    rows = [head, "|---" * (len(EMOTIONS) + 2) + "|"]
+    for split, c in counts.items():
+        rows.append(f"| {split} | {c.sum()} | " + " | ".join(str(int(v)) for v in c) + " |")
+    return "\n".join(rows)
+
+
+def plot_class_distribution(counts, path):
+    """Grouped bar chart of faces per class and split, saved as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(1, len(counts))
+    for i, (split, c) in enumerate(counts.items()):
+        ax.bar(np.arange(7) + i * width, c, width, label=split)
+    ax.set_xticks(np.arange(7) + width * (len(counts) - 1) / 2, EMOTIONS)
+    ax.set_ylabel("faces")
+    ax.set_title("Class distribution")
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report_classes(data, out_dir):
+    """Print the per-split class table and save the bar chart; returns the chart's path."""
+    counts = class_counts(data)
+    print(class_table(counts))
+    chart = os.path.join(out_dir, "class_distribution.png")
+    plot_class_distribution(counts, chart)
+    return chart
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description="Load FER2013 and show its class distribution.")
+    parser.add_argument("-d", "--dataset", default=DEFAULT_CSV, help="CSV path, or 'synthetic'")
+    parser.add_argument("-o", "--output", default="./outputs", help="folder for the bar chart")
+    parser.add_argument("--skip-bad-rows", "--skip_bad_rows", action="store_true",
+                        help="drop malformed rows (with a warning that counts them)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    data = load_fer2013(args.dataset, args.skip_bad_rows)
+    print(f"chart: {report_classes(data, args.output)}")
+
+
+if __name__ == "__main__":
+    from utils import run_cli
+    run_cli(main)

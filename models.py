@@ -1,0 +1,173 @@
+"""The five VGG11-prefix models for FER2013.
+
+    python3 models.py            # table: parameters, GFLOP per 48x48 image, output shape
+
+Every model starts with the first two convolutional blocks of torchvision's VGG11-BN
+(`vgg11_bn().features[:7]`), built here layer by layer with the same indices so ImageNet weights
+load into it without building the full 130M-parameter network. A small spec table says what
+follows the prefix; one constructor builds every variant from it.
+"""
+import warnings
+
+import torch
+from torch import nn
+
+from utils import UserError
+
+NUM_CLASSES = 7
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Without ImageNet weights, centre the grey levels around zero (FER2013's mean grey is ~0.5).
+PLAIN_MEAN = (0.5, 0.5, 0.5)
+PLAIN_STD = (0.25, 0.25, 0.25)
+
+# What follows the 128 x 24 x 24 prefix output, layer by layer:
+#   ("cbp", in, out, kernel, padding)   Conv(bias=False) + BN + PReLU
+#   ("irb", in, expanded, out)          MobileNetV2 inverted residual block, linear bottleneck
+#   ("max",) / ("avg",)                 2x2 pooling; ("adaptive", size) adaptive average pooling
+# and the number of features the classifier receives.
+SPECS = {
+    "vgg2_0_2": ([("adaptive", 6)], 128 * 6 * 6),
+    "vgg2_2_2": ([("cbp", 128, 256, 3, 1), ("max",), ("cbp", 256, 512, 3, 1), ("avg",)], 512 * 6 * 6),
+    "vgg2_4_2_conv3": ([("cbp", 128, 128, 3, 1), ("cbp", 128, 128, 3, 1), ("max",),
+                        ("cbp", 128, 256, 3, 1), ("cbp", 256, 512, 3, 1), ("avg",)], 512 * 6 * 6),
+    "vgg2_4_2_conv5": ([("cbp", 128, 128, 5, 0), ("cbp", 128, 128, 5, 0), ("max",),
+                        ("cbp", 128, 256, 5, 1), ("cbp", 256, 512, 3, 1)], 512 * 6 * 6),
+    "vgg2_4_ilrb_2": ([("irb", 128, 1024, 128), ("irb", 128, 1024, 128), ("max",),
+                       ("irb", 128, 1280, 256), ("irb", 256, 1280, 512), ("avg",)], 512 * 6 * 6),
+}
+MODEL_NAMES = tuple(SPECS)
+
+
+def cbp(cin, cout, kernel, padding, groups=1):
+    """Conv (no bias: BN follows) + BatchNorm + PReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=padding, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.PReLU())
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, linear 1x1 project, skip when shapes match."""
+
+    def __init__(self, cin, expanded, cout):
+        super().__init__()
+        self.block = nn.Sequential(
+            cbp(cin, expanded, 1, 0),
+            cbp(expanded, expanded, 3, 1, groups=expanded),
+            nn.Conv2d(expanded, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.residual = cin == cout
+
+    def forward(self, x):
+        out = self.block(x)
+        return x + out if self.residual else out
+
+
+def vgg11_bn_prefix():
+    """`vgg11_bn().features[:7]` with the same module indices (0..6) as torchvision's."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(inplace=True))
+
+
+def make_layer(spec):
+    kind, *sizes = spec
+    if kind == "cbp":
+        return cbp(*sizes)
+    if kind == "irb":
+        return InvertedResidual(*sizes)
+    if kind == "max":
+        return nn.MaxPool2d(2)
+    if kind == "avg":
+        return nn.AvgPool2d(2)
+    if kind == "adaptive":
+        return nn.AdaptiveAvgPool2d(sizes[0])
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+class FerNet(nn.Module):
+    """Grey 48x48 faces in [0, 1], shape (N, 1, H, W) -> logits (N, 7).
+
+    The input normalisation lives in the model (as buffers saved with it), so a checkpoint
+    carries the statistics it was trained with and inference cannot get them wrong.
+    """
+
+    def __init__(self, name, mean=PLAIN_MEAN, std=PLAIN_STD):
+        super().__init__()
+        body, features = SPECS[name]
+        self.name = name
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.features = vgg11_bn_prefix()
+        self.body = nn.Sequential(*[make_layer(spec) for spec in body])
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(features, 512), nn.PReLU(), nn.Dropout(0.5),
+            nn.Linear(512, NUM_CLASSES))
+
+    def forward(self, x):
+        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std  # grey replicated to 3 channels
+        return self.classifier(self.body(self.features(x)))
+
+
+def imagenet_prefix_state():
+    """The VGG11-BN ImageNet weights of the prefix, from the torch hub cache or a download.
+
+    Raises OSError-like errors when they cannot be had (offline and not cached)."""
+    from torchvision.models import VGG11_BN_Weights
+    state = VGG11_BN_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    prefix = {k[len("features."):]: v for k, v in state.items()
+              if k.startswith("features.") and int(k.split(".")[1]) < 7}
+    return prefix
+
+
+def build_model(name, pretrained="no"):
+    """Build a model by name. pretrained: 'yes' | 'no' | 'auto'.
+
+    Returns (model, used_imagenet_weights). 'auto' falls back to random initialisation with one
+    clear warning when the ImageNet weights cannot be had; 'yes' raises UserError instead."""
+    if name not in SPECS:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    if pretrained == "no":
+        return FerNet(name), False
+    try:
+        prefix = imagenet_prefix_state()
+    except Exception as err:  # no network, no cache, corrupt file: all mean "not available"
+        why = f"ImageNet weights for VGG11-BN could not be loaded ({type(err).__name__}: {err})"
+        if pretrained == "yes":
+            raise UserError(f"{why}. Put vgg11_bn-6002323d.pth under $TORCH_HOME/hub/checkpoints/ "
+                            "(default ~/.cache/torch), or use --pretrained no.") from err
+        warnings.warn(f"{why}; starting from random initialisation (--pretrained auto).",
+                      stacklevel=2)
+        return FerNet(name), False
+    model = FerNet(name, IMAGENET_MEAN, IMAGENET_STD)
+    try:
+        model.features.load_state_dict(prefix)
+    except RuntimeError as err:
+        raise UserError(f"the cached VGG11-BN weights do not fit the model: {err}") from err
+    return model, True
+
+
+def gflops_per_image(model):
+    """Forward GFLOP for one 48x48 image, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 1, 48, 48))
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
+def summary_table():
+    rows = ["| model | parameters | GFLOP/image | output |", "|---|---:|---:|---|"]
+    for name in MODEL_NAMES:
+        model = FerNet(name)
+        params = sum(p.numel() for p in model.parameters())
+        with torch.no_grad():
+            shape = tuple(model.eval()(torch.zeros(2, 1, 48, 48)).shape)
+        rows.append(f"| {name} | {params:,} | {gflops_per_image(model):.2f} | {shape} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(summary_table())

@@ -1,0 +1,98 @@
+"""Small helpers shared by the scripts: user-facing errors, atomic files, devices, seeds."""
+import json
+import os
+import random
+import sys
+import tempfile
+import traceback
+
+EMOTIONS = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
+
+
+class UserError(Exception):
+    """A mistake the user can fix (path, flag, data, checkpoint): shown as one message, exit 2."""
+
+
+def run_cli(main, argv=None):
+    """Run main(argv); user mistakes end in one clear message and a non-zero exit.
+
+    `--debug` anywhere on the command line shows the full traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        return main(argv)
+    except UserError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # a bug or an unexpected environment: short message, traceback on demand
+        if debug:
+            raise
+        print(f"error: {type(err).__name__}: {err}\n(run again with --debug for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def atomic_write(path, write):
+    """Call write(file_object) on a temporary file beside `path`, fsync it, then rename it over
+    `path`: a crash or a full disk never leaves a half-written file, and the old one survives."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_torch(obj, path):
+    import torch
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_json(obj, path):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
+
+
+def check_writable(folder):
+    """Fail early, before any work, when an output folder cannot be created or written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to {folder}: {err.strerror or err}") from err
+
+
+def select_device(name="auto"):
+    import torch
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for, but Apple MPS is not available")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
