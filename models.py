@@ -7,7 +7,7 @@ Every model starts with the first two convolutional blocks of torchvision's VGG1
 load into it without building the full 130M-parameter network. A small spec table says what
 follows the prefix; one constructor builds every variant from it.
 """
-import warnings
+import sys
 
 import torch
 from torch import nn
@@ -135,8 +135,8 @@ def build_model(name, pretrained="no"):
         if pretrained == "yes":
             raise UserError(f"{why}. Put vgg11_bn-6002323d.pth under $TORCH_HOME/hub/checkpoints/ "
                             "(default ~/.cache/torch), or use --pretrained no.") from err
-        warnings.warn(f"{why}; starting from random initialisation (--pretrained auto).",
-                      stacklevel=2)
+        print(f"warning: {why}; starting from random initialisation (--pretrained auto).",
+              file=sys.stderr)
         return FerNet(name), False
     model = FerNet(name, IMAGENET_MEAN, IMAGENET_STD)
     try:
