@@ -98,7 +98,7 @@ def _parse_pixel_rows(rows):
 
 
 def _decode_pixels(pixel_strings, chunk=512):
-    """All rows -> (images (N, 48, 48) uint8 with zeros for bad rows, tokens per row, bad mask)."""
+    """All rows -> (images (N, 48, 48) uint8 with zeros for bad rows, values per row, bad mask)."""
     chunks = [pixel_strings[i:i + chunk] for i in range(0, len(pixel_strings), chunk)]
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
         parts = list(pool.map(_parse_pixel_rows, chunks))
@@ -115,6 +115,7 @@ def _decode_pixels(pixel_strings, chunk=512):
             gathered = values[offsets[:, None] + np.arange(PIXELS)]
             images[row + np.flatnonzero(good)] = gathered.reshape(-1, SIDE, SIDE)
         row += len(per_row)
+    tokens[np.fromiter((not r for r in pixel_strings), bool, len(pixel_strings))] = 0
     return images, tokens, bad
 
 

@@ -62,7 +62,7 @@ def get_args_parser():
                    help="CPU threads for PyTorch (0: all cores); data needs no worker processes")
     p.add_argument("--checkpoint", default="./checkpoint/",
                    help="folder for checkpoints; or a checkpoint file: without -m resume it, "
-                        "with -m start a new run from its weights")
+                        "with -m start a new run (in ./checkpoint/) from its weights")
     p.add_argument("--num_save", type=int, default=16, help="test faces saved as images")
     p.add_argument("-o", "--output", default="./outputs", help="folder for outputs")
     p.add_argument("--run_name", default=None, help="name of the run folder (default MODEL_TIME)")
@@ -107,13 +107,8 @@ def check_args(args):
 
 def explicit_flags(parser, argv):
     """The destinations of the flags the user actually typed."""
-    shadow = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            shadow.add_argument(*action.option_strings, dest=action.dest, nargs=action.nargs,
-                                action="store_true" if action.nargs == 0 else "store",
-                                default=argparse.SUPPRESS)
-    return set(vars(shadow.parse_known_args(argv)[0]))
+    typed = {token.split("=", 1)[0] for token in argv if token.startswith("-")}
+    return {action.dest for action in parser._actions if typed & set(action.option_strings)}
 
 
 def resolve_run(parser, argv):
@@ -136,7 +131,8 @@ def resolve_run(parser, argv):
             init = ckpt
             if ckpt["model_name"] != args.model:
                 raise UserError(f"{args.checkpoint} holds a {ckpt['model_name']}, not a {args.model}")
-            args.checkpoint = os.path.dirname(os.path.abspath(args.checkpoint))
+            args.init_from = args.checkpoint
+            args.checkpoint = parser.get_default("checkpoint")
     args.model = args.model or "vgg2_4_2_conv3"
     args.lr = args.lr or DEFAULT_LR[args.optimizer]
     check_args(args)
@@ -234,7 +230,7 @@ def main(argv):
     if init is not None:
         model = infer.model_from_checkpoint(init)
         used_imagenet = init.get("pretrained_used", False)
-        log(f"starting from the weights of {args.checkpoint} (fine-tuning)")
+        log(f"starting from the weights of {args.init_from} (fine-tuning)")
     model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -260,7 +256,7 @@ def main(argv):
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
 
     state = {"step": 0, "stopper": train.EarlyStopper(args.patience, args.early_stop),
-             "lr_factor": 1.0, "history": [], "elapsed": 0.0}
+             "lr_factor": 1.0, "history": [], "elapsed": 0.0, "running": torch.zeros(3)}
     if resume is not None:
         model.load_state_dict(resume["model_state"])
         optimizer.load_state_dict(resume["optimizer_state"])
@@ -268,7 +264,7 @@ def main(argv):
             scaler.load_state_dict(resume["scaler_state"])
         stop = resume["stopper"]
         state.update(step=resume["step"], lr_factor=resume["lr_factor"], history=list(resume["history"]),
-                     elapsed=resume["elapsed"],
+                     elapsed=resume["elapsed"], running=resume["running"],
                      stopper=train.EarlyStopper(args.patience, stop["mode"], stop["best"], stop["bad"]))
         rng = resume["rng"]
         train.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
@@ -311,6 +307,7 @@ def main(argv):
             "step": state["step"], "epoch": state["step"] / steps_per_epoch,
             "stopper": vars(state["stopper"]), "lr_factor": state["lr_factor"],
             "history": state["history"], "elapsed": state["elapsed"], "rng": rng,
+            "running": state["running"].cpu(),
             "args": {k: v for k, v in vars(args).items()}, "run_name": run_name, "out_dir": out_dir,
             "pretrained_used": used_imagenet, "class_names": list(dataset.EMOTIONS),
             "dataset": data.source, "world_size": world}

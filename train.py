@@ -213,7 +213,7 @@ class StopRequest:
 
 def check_finite(loss, step, lr):
     if not math.isfinite(loss):
-        raise UserError(f"the training loss became {loss} by step {step} (learning rate {lr:.3g}); "
+        raise UserError(f"the loss became {loss} by step {step} (learning rate {lr:.3g}); "
                         "training stopped and the last good checkpoints were kept. Try a lower --lr.")
 
 
@@ -231,9 +231,9 @@ def fit(model, optimizer, loss_fn, train_batches, val_data, cfg, state, save, de
     every = cfg.num_iter_to_validate or cfg.num_epoch_to_validate * steps_per_epoch
     autocast = torch.autocast(device.type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype is not None)
     stopper = state["stopper"]
-    run_loss = torch.zeros((), device=device)
-    run_correct = torch.zeros((), device=device)
-    run_seen = 0
+    # Sums of loss, correct answers and faces since the last validation (saved, so a resumed
+    # run reports the same training numbers).
+    running = state["running"] = state["running"].to(device).float()
     base_elapsed, session_start, images_done = state["elapsed"], time.perf_counter(), 0
 
     def tick():
@@ -272,24 +272,25 @@ def fit(model, optimizer, loss_fn, train_batches, val_data, cfg, state, save, de
                     optimizer.step()
                 state["step"] += 1
                 images_done += len(y)
-                run_loss += loss.detach() * len(y)
-                run_correct += (logits.detach().argmax(1) == y).sum()
-                run_seen += len(y)
+                correct = (logits.detach().argmax(1) == y).sum().float()
+                running += torch.stack([loss.detach() * len(y), correct, torch.ones_like(correct) * len(y)])
                 bar.update(1)
                 last_step = state["step"] == total_steps
                 if state["step"] % 20 == 0 or last_step:
                     # One host sync per 20 steps (not per step): the bar and the NaN check share it.
-                    check_finite(run_loss.item() / run_seen, state["step"], lr)
-                    bar.set_postfix(loss=f"{run_loss.item() / run_seen:.3f}",
-                                    acc=f"{run_correct.item() / run_seen:.3f}")
+                    loss_sum, correct, seen = running.tolist()
+                    check_finite(loss_sum / seen, state["step"], lr)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
                 if stop.requested:
                     break
                 if state["step"] % every and not last_step:
                     continue
                 bar.close()
-                train_loss, train_acc = run_loss.item() / run_seen, run_correct.item() / run_seen
+                loss_sum, correct, seen = running.tolist()
+                train_loss, train_acc = loss_sum / seen, correct / seen
                 check_finite(train_loss, state["step"], lr)
                 val_loss, val_acc = evaluate(model, *val_data, cfg.eval_batch_size, device, rank, world)
+                check_finite(val_loss, state["step"], lr)
                 model.train()
                 improved = stopper.update(val_loss if cfg.early_stop == "loss" else val_acc)
                 if cfg.scheduler == "plateau" and not improved and stopper.bad % cfg.plateau_patience == 0:
@@ -306,9 +307,7 @@ def fit(model, optimizer, loss_fn, train_batches, val_data, cfg, state, save, de
                 if improved:
                     save("best")
                 save("last")
-                run_loss.zero_()
-                run_correct.zero_()
-                run_seen = 0
+                running.zero_()
                 if stopper.should_stop:
                     ended = f"early stopping after {cfg.patience} validations without improvement"
                     break

@@ -1,0 +1,7 @@
+"""Shared test set-up: the project's flat modules are importable from the repo root."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)

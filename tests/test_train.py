@@ -1,0 +1,203 @@
+"""Training end to end on synthetic faces: accuracy, files, exact resume, early stopping, errors."""
+import glob
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import run
+import synthetic
+import train
+from utils import UserError, atomic_write, run_cli
+
+
+@pytest.fixture(scope="module")
+def faces_csv(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return synthetic.write_synthetic_csv(str(folder / "faces.csv"), n_train=1600, n_val=400,
+                                         n_test=400, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    return synthetic.write_synthetic_csv(str(folder / "tiny.csv"), n_train=192, n_val=64,
+                                         n_test=64, seed=2)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def run_args(csv, tmp_path, *extra):
+    return ["-d", csv, "--checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"),
+            "--pretrained", "no", "--num_save", "0", "--run_name", "r", *extra]
+
+
+def test_short_run_learns_synthetic_faces_and_writes_everything(faces_csv, tmp_path):
+    assert run.main(run_args(faces_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "6",
+                             "--batch_size", "64", "--lr", "0.05")) == 0
+    ckpt_dir, out = tmp_path / "ckpt" / "r", tmp_path / "out" / "r"
+    assert sorted(os.listdir(ckpt_dir)) == ["vgg2_0_2_best.pth", "vgg2_0_2_last.pth"]
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert (out / "history.csv").read_text().count("\n") == 7
+    for name in ("curves.png", "class_distribution.png", "args.json", "test_metrics.json"):
+        assert (out / name).stat().st_size > 0, name
+    test = json.loads((out / "test_metrics.json").read_text())
+    assert test["n"] == 400
+    assert test["accuracy"] > 0.60, test  # chance is 1/7, the majority class 25%
+
+
+def final_weights(path):
+    return torch.load(path, weights_only=True)["model_state"]
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_csv, tmp_path, monkeypatch):
+    common = ["-m", "vgg2_0_2", "--epoch_num", "3", "--batch_size", "32",
+              "--num_iter_to_validate", "4", "--seed", "3"]
+    straight = tmp_path / "straight"
+    assert run.main(run_args(tiny_csv, straight, *common)) == 0
+
+    # Second run: a real SIGINT arrives in the middle of epoch 2 (batch 2, a step that is not a
+    # validation step), as a Ctrl-C would.
+    real = train.batch_generator
+
+    def interrupt_once(seed, epoch, batch):
+        if (epoch, batch) == (1, 2) and not interrupt_once.fired:
+            interrupt_once.fired = True
+            signal.raise_signal(signal.SIGINT)
+        return real(seed, epoch, batch)
+    interrupt_once.fired = False
+    monkeypatch.setattr(train, "batch_generator", interrupt_once)
+    resumed = tmp_path / "resumed"
+    assert run.main(run_args(tiny_csv, resumed, *common)) == 130
+    last = resumed / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    assert torch.load(last, weights_only=True)["step"] == 6 + 3  # 6 steps per epoch, stopped after 3 more
+    assert run.main(["--checkpoint", str(last)]) == 0
+
+    a, b = final_weights(straight / "ckpt/r/vgg2_0_2_last.pth"), final_weights(last)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = lambda root: json.loads((root / "out/r/history.json").read_text())
+    strip_time = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
+    assert strip_time(history(straight)) == strip_time(history(resumed))
+
+
+def test_fine_tuning_starts_a_new_run_from_the_weights(tiny_csv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # fine-tuning runs go to ./checkpoint/
+    assert run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "1")) == 0
+    source = tmp_path / "ckpt" / "r" / "vgg2_0_2_best.pth"
+    out = tmp_path / "tuned"
+    argv = ["-d", tiny_csv, "-m", "vgg2_0_2", "--checkpoint", str(source), "-o", str(out),
+            "--epoch_num", "1", "--run_name", "t", "--num_save", "0", "--lr", "1e-9", "--erase_p", "0"]
+    assert run.main(argv) == 0
+    tuned = torch.load(tmp_path / "checkpoint" / "t" / "vgg2_0_2_last.pth", weights_only=True)
+    assert tuned["step"] == 2 and len(tuned["history"]) == 1  # a new run: its own step count
+    start = final_weights(source)
+    assert torch.allclose(tuned["model_state"]["classifier.4.weight"], start["classifier.4.weight"], atol=1e-5)
+
+
+def test_early_stopping_stops_after_patience_bad_validations(tiny_csv, tmp_path):
+    assert run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "30",
+                             "--batch_size", "32", "--num_iter_to_validate", "2",
+                             "--patience", "2", "--lr", "0.05", "--scheduler", "none")) == 0
+    history = json.loads((tmp_path / "out/r/history.json").read_text())
+    losses = [h["val_loss"] for h in history]
+    assert len(history) < 30 * 6 // 2  # stopped early
+    best = int(np.argmin(losses))
+    assert best == len(losses) - 3  # the best, then exactly `patience` validations without a better one
+    assert min(losses[-2:]) >= losses[best]
+
+
+def test_early_stopper_counts_bad_validations():
+    stopper = train.EarlyStopper(patience=2, mode="acc")
+    assert [stopper.update(s) for s in (0.5, 0.6, 0.6, 0.55)] == [True, True, False, False]
+    assert stopper.should_stop and stopper.best == 0.6
+    loss = train.EarlyStopper(patience=3, mode="loss")
+    assert [loss.update(s) for s in (1.0, 0.9, 0.95, 0.8)] == [True, True, False, True]
+    assert loss.bad == 0 and not loss.should_stop
+
+
+def test_weighted_loss_uses_inverse_class_frequency():
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 1 + [4] * 2)  # class 3, 5, 6 absent
+    weights = train.class_weights(labels).numpy()
+    present = weights[[0, 1, 2, 4]]
+    assert np.allclose(present.mean(), 1.0)
+    assert np.allclose(present * np.array([6, 3, 1, 2]), present[0] * 6)  # w ~ 1 / count
+    assert np.all(weights[[3, 5, 6]] == 0)
+
+
+def test_weighted_run_prints_the_weights(tiny_csv, tmp_path, capsys):
+    run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "1", "--wl"))
+    assert "class weights (inverse frequency, mean 1): Angry" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--lr", "-0.1"], "--lr must be positive"),
+    (["--patience", "0"], "--patience must be at least 1"),
+    (["--epoch_num", "0"], "--epoch_num must be positive"),
+    (["--label_smoothing", "1.5"], "--label_smoothing must be in"),
+])
+def test_impossible_values_fail_before_any_work(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(run.main, ["-d", str(tmp_path / "missing.csv"), *flags])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "no dataset" not in err
+
+
+def test_unknown_model_is_rejected_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(run.main, ["-m", "resnet50"])
+    assert exit_.value.code == 2
+    assert "vgg2_4_2_conv3" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_one_clear_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(run.main, run_args(str(tmp_path / "none.csv"), tmp_path))
+    assert exit_.value.code == 2
+    assert "-d synthetic" in capsys.readouterr().err
+
+
+def test_failed_checkpoint_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "model_best.pth"
+    atomic_write(path, lambda f: f.write(b"good old checkpoint"))
+
+    def dies_halfway(f):
+        f.write(b"half a new chec")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        atomic_write(path, dies_halfway)
+    assert path.read_bytes() == b"good old checkpoint"
+    assert os.listdir(tmp_path) == ["model_best.pth"]  # no temporary file left behind
+
+
+def test_batched_augmentation_keeps_shapes_labels_and_range():
+    images = torch.randint(0, 256, (16, 1, 48, 48), dtype=torch.uint8)
+    out = train.augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == (16, 1, 48, 48) and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    again = train.augment(images, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # a pure function of the generator: resume repeats it
+    plain = train.augment(images, torch.Generator().manual_seed(0), max_rotate=0, max_shift=0,
+                          scale=(1, 1), erase_p=0)
+    flipped = images.flip(-1).float() / 255
+    unflipped = images.float() / 255
+    same = [torch.allclose(p, a, atol=1e-5) or torch.allclose(p, b, atol=1e-5)
+            for p, a, b in zip(plain, unflipped, flipped)]
+    assert all(same)  # without the other transforms, each face is itself or its mirror
+
+
+def test_shards_cover_the_epoch_exactly_once():
+    labels = torch.arange(103)
+    shards = [train.Batches(labels, labels, 10, seed=5, rank=r, world=3) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1  # every rank takes the same number of steps
+    seen = torch.cat([torch.cat(s.epoch_indices(4)) for s in shards])
+    assert sorted(seen.tolist()) == list(range(103))
