@@ -172,8 +172,9 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, corrupt, or a pickle that wants to run code
-        raise UserError(f"{path} is not a readable checkpoint of this tool ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:300]})") from err
+        detail = (str(err).strip().splitlines() or ["empty or truncated file"])[0][:300]
+        raise UserError(f"{path} is not a readable checkpoint of this tool "
+                        f"({type(err).__name__}: {detail})") from err
     if not isinstance(ckpt, dict) or "model_state" not in ckpt or "model_name" not in ckpt:
         raise UserError(f"{path} is a PyTorch file but not a checkpoint of this tool")
     version = ckpt.get("format_version")
@@ -218,12 +219,12 @@ def check_finite(loss, step, lr):
 
 
 def fit(model, optimizer, loss_fn, train_batches, val_data, cfg, state, save, device,
-        scaler=None, rank=0, world=1, log=print):
+        scaler=None, rank=0, world=1, log=print, eval_model=None):
     """Train until cfg.epoch_num epochs or early stopping, validating as cfg says.
 
     `state` holds step, stopper, lr factor from plateaus, history and the seconds spent so far
-    (all restored on resume); `save(kind)` writes the 'best' or 'last' checkpoint.
-    Returns why training ended."""
+    (all restored on resume); `save(kind)` writes the 'best' or 'last' checkpoint. `eval_model`
+    is the plain module when `model` is wrapped (DDP, torch.compile). Returns why training ended."""
     from tqdm import tqdm
     steps_per_epoch = len(train_batches)
     total_steps = cfg.epoch_num * steps_per_epoch
@@ -243,9 +244,9 @@ def fit(model, optimizer, loss_fn, train_batches, val_data, cfg, state, save, de
         return tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{cfg.epoch_num}",
                     disable=rank != 0, leave=False, dynamic_ncols=True)
 
-    ended = "finished all epochs"
+    ended, stopping = "finished all epochs", None
     with StopRequest() as stop:
-        while state["step"] < total_steps and not stopper.should_stop and not stop.requested:
+        while state["step"] < total_steps and not stopper.should_stop and not stopping:
             epoch, start = divmod(state["step"], steps_per_epoch)
             model.train()
             bar = progress_bar(epoch, start)
@@ -277,11 +278,18 @@ def fit(model, optimizer, loss_fn, train_batches, val_data, cfg, state, save, de
                 bar.update(1)
                 last_step = state["step"] == total_steps
                 if state["step"] % 20 == 0 or last_step:
-                    # One host sync per 20 steps (not per step): the bar and the NaN check share it.
+                    # One host sync per 20 steps (not per step): the bar and the NaN check share it,
+                    # and under torchrun the ranks agree there on whether a stop was requested.
                     loss_sum, correct, seen = running.tolist()
                     check_finite(loss_sum / seen, state["step"], lr)
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-                if stop.requested:
+                    if world > 1:
+                        flag = torch.tensor([float(stop.requested is not None)], device=device)
+                        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+                        stopping = (stop.requested or "SIGTERM") if flag.item() else None
+                if world == 1:
+                    stopping = stop.requested
+                if stopping:
                     break
                 if state["step"] % every and not last_step:
                     continue
@@ -289,7 +297,8 @@ def fit(model, optimizer, loss_fn, train_batches, val_data, cfg, state, save, de
                 loss_sum, correct, seen = running.tolist()
                 train_loss, train_acc = loss_sum / seen, correct / seen
                 check_finite(train_loss, state["step"], lr)
-                val_loss, val_acc = evaluate(model, *val_data, cfg.eval_batch_size, device, rank, world)
+                val_loss, val_acc = evaluate(eval_model or model, *val_data, cfg.eval_batch_size,
+                                             device, rank, world)
                 check_finite(val_loss, state["step"], lr)
                 model.train()
                 improved = stopper.update(val_loss if cfg.early_stop == "loss" else val_acc)
@@ -313,10 +322,10 @@ def fit(model, optimizer, loss_fn, train_batches, val_data, cfg, state, save, de
                     break
                 bar = progress_bar(epoch, batch + 1)
             bar.close()
-        if stop.requested:
+        if stopping:
             tick()
             save("last")
-            ended = f"stopped by {stop.requested}"
+            ended = f"stopped by {stopping}"
     tick()
     seconds = time.perf_counter() - session_start
     state["images_per_s"] = images_done * world / max(seconds, 1e-9)

@@ -201,3 +201,22 @@ def test_shards_cover_the_epoch_exactly_once():
     assert len({len(s) for s in shards}) == 1  # every rank takes the same number of steps
     seen = torch.cat([torch.cat(s.epoch_indices(4)) for s in shards])
     assert sorted(seen.tolist()) == list(range(103))
+
+
+def test_two_process_gloo_run_trains_once_and_agrees(faces_csv, tmp_path):
+    """torchrun with 2 CPU processes: one set of files, identical weights, far above chance."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", "29517", "run.py", *run_args(faces_csv, tmp_path, "-m", "vgg2_0_2",
+               "--epoch_num", "4", "--batch_size", "32", "--lr", "0.05", "--num_workers", "1")]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "identical on all 2 ranks" in result.stdout
+    assert result.stdout.count("test (PrivateTest)") == 1  # the test runs once, on rank 0
+    assert sorted(os.listdir(tmp_path / "ckpt" / "r")) == ["vgg2_0_2_best.pth", "vgg2_0_2_last.pth"]
+    history = json.loads((tmp_path / "out" / "r" / "history.json").read_text())
+    assert len(history) == 4 and history[-1]["val_acc"] > 0.5
+    assert json.loads((tmp_path / "out" / "r" / "test_metrics.json").read_text())["n"] == 400

@@ -1,0 +1,153 @@
+"""Faults during training: kills, Ctrl-C, NaN, unwritable folders, untrusted checkpoint files."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import run
+import synthetic
+import train
+from utils import UserError, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    return synthetic.write_synthetic_csv(str(folder / "tiny.csv"), n_train=256, n_val=64,
+                                         n_test=64, seed=4)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def start_training(csv, tmp_path, epochs):
+    command = [sys.executable, "run.py", "-d", csv, "-m", "vgg2_0_2", "--epoch_num", str(epochs),
+               "--batch_size", "32", "--num_iter_to_validate", "4", "--pretrained", "no",
+               "--checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"),
+               "--run_name", "r", "--num_save", "0"]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, FER_CACHE_DIR=str(tmp_path / "cache")))
+
+
+def wait_for(path, process, timeout=120):
+    end = time.time() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, process.communicate()
+        assert time.time() < end, "no checkpoint appeared"
+        time.sleep(0.2)
+
+
+def test_sigkill_after_the_first_checkpoint_then_resume_finishes(tiny_csv, tmp_path):
+    last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    process = start_training(tiny_csv, tmp_path, epochs=3)
+    wait_for(last, process)
+    process.kill()  # SIGKILL: no chance to save anything
+    process.communicate()
+    saved = torch.load(last, weights_only=True)  # the file on disk is whole
+    assert saved["step"] % 4 == 0 and saved["step"] < 24
+    assert run.main(["--checkpoint", str(last)]) == 0
+    done = torch.load(last, weights_only=True)
+    assert done["step"] == 24  # 8 steps per epoch, 3 epochs
+    assert len(done["history"]) == 6
+
+
+def test_sigint_saves_a_resumable_checkpoint_and_says_how_to_resume(tiny_csv, tmp_path):
+    last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    process = start_training(tiny_csv, tmp_path, epochs=50)
+    wait_for(last, process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "stopped by SIGINT" in out and f"--checkpoint {last}" in out
+    assert "Traceback" not in err
+    saved = torch.load(last, weights_only=True)
+    assert 4 <= saved["step"] < 40
+    # Resume, shortening the run to 5 epochs (8 steps each) so the test ends soon.
+    assert run.main(["--checkpoint", str(last), "--epoch_num", "5"]) == 0
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["step"] == 40 and resumed["history"][0] == saved["history"][0]
+
+
+def test_a_diverging_loss_stops_with_a_clear_message(tiny_csv, tmp_path, capsys):
+    argv = ["-d", tiny_csv, "-m", "vgg2_0_2", "--epoch_num", "3", "--batch_size", "32",
+            "--lr", "1e8", "--scheduler", "none", "--pretrained", "no", "--num_iter_to_validate", "4",
+            "--checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"), "--run_name", "r"]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(run.main, argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "loss became nan" in err.lower() or "loss became inf" in err.lower()
+    assert "learning rate 1e+08" in err and "Traceback" not in err
+
+
+def test_unwritable_output_folder_fails_before_training(tiny_csv, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    argv = ["-d", tiny_csv, "-m", "vgg2_0_2", "--pretrained", "no", "-o", str(blocker / "out"),
+            "--checkpoint", str(tmp_path / "ckpt")]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(run.main, argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot write to" in err and "Traceback" not in err
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(run.main, ["-d", str(tmp_path / "missing.csv"), "--debug"])
+    assert "Traceback" in capsys.readouterr().err
+
+
+class Exploit:
+    """A pickle that would create a file when unpickled by a trusting loader."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_malicious_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"format_version": train.CHECKPOINT_FORMAT, "model_name": "vgg2_0_2",
+                "model_state": {}, "payload": Exploit(str(marker))}, path)
+    assert not marker.exists()
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        train.load_checkpoint(str(path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("version, hint", [(0, "reads format 1"), (99, "newer version")])
+def test_old_or_future_checkpoint_format_is_named(tmp_path, version, hint):
+    path = tmp_path / "old.pth"
+    torch.save({"format_version": version, "model_name": "vgg2_0_2", "model_state": {}}, path)
+    with pytest.raises(UserError, match=hint):
+        train.load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage bytes, not a zip or pickle"])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        train.load_checkpoint(str(path))
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "cut.pth"
+    torch.save({"format_version": 1, "model_name": "vgg2_0_2",
+                "model_state": {"w": torch.zeros(10000)}}, path)
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        train.load_checkpoint(str(path))
