@@ -345,10 +345,11 @@ def main(argv):
         return 130
     if rank == 0 and os.path.exists(paths["best"]):
         test_x, test_y = data.split("test")
-        metrics = infer.evaluate_split([paths["best"]], test_x, test_y, args.eval_batch_size, device)
+        log(f"testing the best checkpoint on PrivateTest: reports in {os.path.join(out_dir, 'test')}")
+        metrics = infer.report([paths["best"]], test_x, test_y, os.path.join(out_dir, "test"),
+                               num_save=args.num_save, batch_size=args.eval_batch_size,
+                               device=device, split_name="test (PrivateTest)", log=log)
         save_json(metrics, os.path.join(out_dir, "test_metrics.json"))
-        log(f"test (PrivateTest) with the best checkpoint: loss {metrics['loss']:.4f}, "
-            f"accuracy {metrics['accuracy']:.4f} on {metrics['n']} faces")
     return 0
 
 

@@ -1,0 +1,461 @@
+"""infer.py: split reports, TTA, ensembles, own photos, and bad inputs (all on made-up data)."""
+import json
+import os
+import resource
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import infer
+import synthetic
+import train
+import utils
+from models import FerNet
+
+N_TEST = 30
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def save_checkpoint(path, model, **extra):
+    ckpt = {"format_version": train.CHECKPOINT_FORMAT, "model_name": model.name,
+            "model_state": model.state_dict(), "class_names": list(utils.EMOTIONS), **extra}
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def random_model(seed, name="vgg2_0_2"):
+    torch.manual_seed(seed)
+    return FerNet(name).eval()
+
+
+def run_cli(argv, capsys):
+    """infer.main through utils.run_cli, in-process: (exit code, stdout, stderr)."""
+    try:
+        code = utils.run_cli(infer.main, argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_huge_png(path, width, height):
+    """A 1-bit black PNG of any size, written row by row: a few KB on disk, no big array."""
+    def chunk(tag, data):
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+    packer = zlib.compressobj(9)
+    block = b"\x00" * (1 + (width + 7) // 8) * 1000  # 1000 rows: filter byte + packed bits
+    parts = [packer.compress(block) for _ in range(height // 1000)]
+    parts.append(packer.compress(block[: len(block) // 1000 * (height % 1000)]))
+    parts.append(packer.flush())
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n"
+                + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    return str(path)
+
+
+def peak_rss_reset():
+    """Reset the kernel's peak-RSS counter of this process when allowed (Linux): True if done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny batches on a shared 2-core machine: one thread avoids spinning threads (30x faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def split():
+    images, labels, _ = synthetic.make_synthetic(0, 0, N_TEST, seed=3)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpts")
+    a = save_checkpoint(folder / "a_best.pth", random_model(0))
+    b = save_checkpoint(folder / "b_best.pth", random_model(1))
+    # A model that always answers Happy with known probabilities: its metrics are exact.
+    const = random_model(2)
+    with torch.no_grad():
+        last = const.classifier[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, -1.0, 0.5, 3.0, 0.2, -0.5, 1.0]))
+    happy = save_checkpoint(folder / "happy.pth", const)
+    return {"a": a, "b": b, "happy": happy, "bias": last.bias.detach().clone()}
+
+
+@pytest.fixture(scope="module")
+def astronaut_jpg(tmp_path_factory):
+    import skimage.data
+    path = tmp_path_factory.mktemp("photo") / "astronaut.jpg"
+    cv2.imwrite(str(path), skimage.data.astronaut()[:, :, ::-1])
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- split reports
+
+def test_report_writes_consistent_metrics_and_files(ckpts, split, tmp_path, capsys):
+    images, labels = split
+    out = tmp_path / "rep"
+    m = infer.report([ckpts["a"]], images, labels, str(out), num_save=5, batch_size=16)
+    printed = capsys.readouterr().out
+    for word in ("loss", "accuracy", "macro-F1", "precision", "recall", "Disgust", "support"):
+        assert word in printed
+    for key in ("loss", "accuracy", "macro_f1", "n", "per_class", "confusion_matrix", "tta"):
+        assert key in m
+    assert m["n"] == N_TEST and m["tta"] == "none" and "plain" not in m
+    cm = np.array(m["confusion_matrix"])
+    assert cm.shape == (7, 7) and cm.sum() == N_TEST
+    assert (cm.sum(1) == np.bincount(labels, minlength=7)).all()
+
+    table = pd.read_csv(out / "predictions.csv")
+    assert len(table) == N_TEST
+    probs = table[[f"p_{n}" for n in utils.EMOTIONS]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert (table["true_label"].to_numpy() == labels).all()
+    assert (table["pred_label"].to_numpy() == probs.argmax(1)).all()
+    assert m["accuracy"] == pytest.approx((table["pred_label"] == table["true_label"]).mean())
+    from sklearn.metrics import f1_score
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, table["pred_label"], labels=range(7),
+                                                   average="macro", zero_division=0))
+
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("loss", "accuracy", "macro_f1", "n", "per_class", "confusion_matrix", "checkpoints",
+                "models", "class_names", "files"):
+        assert key in saved
+    assert saved["models"] == ["vgg2_0_2"]
+    assert set(saved["per_class"]) == set(utils.EMOTIONS)
+    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "faces_grid.png"):
+        assert (out / name).stat().st_size > 1000
+    faces = sorted(os.listdir(out / "faces"))
+    expected = sorted(f"{table['pred_emotion'][i]}_{i}.png" for i in range(5))
+    assert faces == expected
+    face = cv2.imread(str(out / "faces" / expected[0]), cv2.IMREAD_UNCHANGED)
+    index = int(expected[0].rsplit("_", 1)[1][:-4])
+    assert (face == images[index]).all()
+
+
+def test_constant_model_gives_exact_metrics(ckpts, split, tmp_path):
+    """A model that always says Happy: accuracy is the share of Happy, loss is -log p(label)."""
+    images, labels = split
+    p = torch.softmax(ckpts["bias"].double(), 0).numpy()
+    m = infer.evaluate_split([ckpts["happy"]], images, labels, batch_size=7)
+    assert set(m) >= {"loss", "accuracy", "n", "macro_f1"}
+    assert m["n"] == N_TEST
+    assert m["accuracy"] == pytest.approx(np.mean(labels == 3))
+    assert m["loss"] == pytest.approx(-np.log(p[labels]).mean(), rel=1e-5)
+    share = np.mean(labels == 3)
+    assert m["macro_f1"] == pytest.approx(2 * share / (1 + share) / 7)  # only Happy scores
+    full = infer.report(ckpts["happy"], images, labels, str(tmp_path), num_save=0)
+    assert full["per_class"]["Happy"]["recall"] == 1.0
+    assert full["per_class"]["Angry"]["f1"] == 0.0
+    assert not (tmp_path / "faces_grid.png").exists()
+
+
+def test_classes_absent_from_a_small_split(ckpts, split, tmp_path):
+    images, labels = split
+    keep = np.isin(labels, [3, 6])
+    m = infer.report([ckpts["a"]], images[keep], labels[keep], str(tmp_path), num_save=2)
+    assert m["per_class"]["Disgust"]["support"] == 0
+    assert np.array(m["confusion_matrix"]).sum() == keep.sum()
+
+
+@pytest.mark.parametrize("tta", infer.TTA_MODES)
+def test_predict_same_at_batch_size_1_and_512(ckpts, split, tta):
+    models, _ = infer.load_models([ckpts["a"], ckpts["b"]])
+    images = split[0][:6]
+    one = infer.predict(models, images, tta, batch_size=1)
+    big = infer.predict(models, images, tta, batch_size=512)
+    assert one.shape == (6, 7)
+    np.testing.assert_allclose(one, big, atol=1e-5)
+    np.testing.assert_allclose(big.sum(1), 1, atol=1e-6)
+
+
+def test_tta_views_and_ensemble_average(ckpts, split):
+    x = torch.rand(3, 1, 48, 48)
+    views = infer.tta_views(x, "tencrop")
+    assert len(views) == 10 and all(v.shape == x.shape for v in views.values())
+    centre = torch.nn.functional.interpolate(x[..., 2:46, 2:46], size=(48, 48), mode="bilinear",
+                                             align_corners=False)
+    assert torch.allclose(views["crop_centre"], centre)
+    assert torch.equal(views["crop_tl_mirror"], views["crop_tl"].flip(-1))
+    assert set(infer.tta_views(x, "flip")) == {"plain", "mirror"}
+
+    models, _ = infer.load_models([ckpts["a"], ckpts["b"]])
+    images = split[0][:8]
+    both = infer.predict(models, images)
+    single = [infer.predict([m], images) for m in models]
+    np.testing.assert_allclose(both, (single[0] + single[1]) / 2, atol=1e-6)
+    # Mirror-symmetric faces: flip TTA cannot change anything.
+    symmetric = np.concatenate([images[:, :, :24], images[:, :, :24][:, :, ::-1]], 2)
+    np.testing.assert_allclose(infer.predict(models, symmetric, "flip"),
+                               infer.predict(models, symmetric), atol=1e-6)
+
+
+@pytest.mark.parametrize("tta", ["flip", "tencrop"])
+def test_report_with_tta_and_ensemble_keeps_both_results(ckpts, split, tmp_path, capsys, tta):
+    images, labels = split
+    m = infer.report([ckpts["a"], ckpts["b"]], images, labels, str(tmp_path), tta=tta, num_save=3)
+    printed = capsys.readouterr().out
+    assert "without TTA" in printed and f"TTA {tta}" in printed
+    assert m["tta"] == tta and m["models"] == ["vgg2_0_2", "vgg2_0_2"]
+    for result in (m, m["plain"]):
+        assert result["n"] == N_TEST and np.array(result["confusion_matrix"]).sum() == N_TEST
+    main_table = pd.read_csv(tmp_path / "predictions.csv")
+    plain_table = pd.read_csv(tmp_path / "predictions_plain.csv")
+    assert main_table.shape == plain_table.shape == (N_TEST, 5 + 7)
+    assert (tmp_path / "confusion_matrix_plain_normalized.png").exists()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["plain"]["accuracy"] == m["plain"]["accuracy"] and saved["tta"] == tta
+    infer.report([ckpts["a"]], images, labels, str(tmp_path), num_save=0)  # again, without TTA
+    assert not (tmp_path / "predictions_plain.csv").exists()
+    assert not (tmp_path / "faces_grid.png").exists() and not os.listdir(tmp_path / "faces")
+
+
+def test_cli_on_a_dataset_csv(ckpts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    csv = synthetic.write_synthetic_csv(tmp_path / "faces.csv", 14, 7, 21, seed=5)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["--checkpoint", ckpts["a"], ckpts["b"], "-d", csv, "-o", str(out),
+                                 "--tta", "flip", "--num_save", "4", "--device", "cpu",
+                                 "--batch_size", "8"], capsys)
+    assert code == 0, err
+    assert "macro-F1" in stdout and "ensemble of 2" in stdout
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["n"] == 21 and saved["plain"]["n"] == 21 and saved["split"].startswith("test")
+    assert len(os.listdir(out / "faces")) == 4
+
+
+def test_default_output_folder_names_the_checkpoint():
+    assert infer.default_output_dir(["checkpoint/run1/vgg2_0_2_best.pth"]) == os.path.join(
+        "outputs", "infer", "run1", "vgg2_0_2_best")
+    assert "ensemble" in infer.default_output_dir(["a/x.pth", "b/y.pth"])
+
+
+def test_fp16_checkpoint_and_run_folder(ckpts, split, tmp_path):
+    model = random_model(0)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    folder = tmp_path / "run"
+    folder.mkdir()
+    torch.save({"format_version": train.CHECKPOINT_FORMAT, "model_name": "vgg2_0_2",
+                "model_state": half}, folder / "vgg2_0_2_best.pth")
+    models, names = infer.load_models(str(folder))  # a run folder stands for its *_best.pth
+    assert names == list(utils.EMOTIONS)
+    reference, _ = infer.load_models(ckpts["a"])
+    np.testing.assert_allclose(infer.predict(models, split[0][:4]),
+                               infer.predict(reference, split[0][:4]), atol=1e-2)
+
+
+def test_predict_rejects_bad_arguments(ckpts, split):
+    models, _ = infer.load_models(ckpts["a"])
+    with pytest.raises(ValueError, match="tta"):
+        infer.predict(models, split[0][:2], "rotate")
+    with pytest.raises(ValueError, match="batch_size"):
+        infer.predict(models, split[0][:2], batch_size=0)
+    with pytest.raises(ValueError, match="48"):
+        infer.predict(models, np.zeros((2, 32, 32), np.uint8))
+    assert infer.predict(models, np.zeros((0, 48, 48), np.uint8)).shape == (0, 7)
+
+
+# ----------------------------------------------------------------------------- own photos
+
+def test_astronaut_photo_gives_one_labelled_face(ckpts, astronaut_jpg, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["-c", ckpts["a"], "--images", astronaut_jpg, "-o", str(out),
+                                 "--device", "cpu"], capsys)
+    assert code == 0, err
+    table = pd.read_csv(out / "faces.csv")
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert row["emotion"] in utils.EMOTIONS and 0 < row["confidence"] <= 1
+    assert 150 < row["x"] < 200 and 40 < row["y"] < 90 and 70 < row["w"] < 130  # her face
+    assert np.isclose(sum(row[f"p_{n}"] for n in utils.EMOTIONS), 1, atol=1e-4)
+    listing = json.loads((out / "faces.json").read_text())
+    assert listing["processed"] == 1 and listing["skipped"] == []
+    assert len(listing["faces"]) == 1 and len(listing["faces"][0]["box"]) == 4
+    annotated = cv2.imread(str(out / "annotated" / "astronaut.jpg"))
+    assert annotated.shape == (512, 512, 3)
+    assert "1 face(s)" in stdout
+
+
+def test_folder_with_broken_files(ckpts, astronaut_jpg, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "deeper").mkdir(parents=True)
+    good = folder / "deeper" / "Good.JPG"
+    good.write_bytes(open(astronaut_jpg, "rb").read())
+    (folder / "broken.jpg").write_bytes(np.random.default_rng(0).bytes(2000))
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not a picture")
+    cv2.imwrite(str(folder / "blank.png"), np.full((120, 160, 3), 200, np.uint8))
+    missing = str(tmp_path / "nowhere.jpg")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["-c", ckpts["a"], "--images", str(folder), missing, "-o", str(out),
+                                 "--device", "cpu"], capsys)
+    assert code == 0, err
+    for name in ("broken.jpg", "empty.png", "notes.txt", "nowhere.jpg"):
+        assert name in err
+    assert "zero-byte" in err and "Traceback" not in err
+    table = pd.read_csv(out / "faces.csv", keep_default_na=False)
+    assert sorted(os.path.basename(f) for f in table["file"]) == ["Good.JPG", "blank.png"]
+    blank = table[table["file"].str.endswith("blank.png")].iloc[0]
+    assert blank["emotion"] == "no face" and blank["x"] == ""
+    listing = json.loads((out / "faces.json").read_text())
+    assert {os.path.basename(s["file"]) for s in listing["skipped"]} == {
+        "broken.jpg", "empty.png", "notes.txt", "nowhere.jpg"}
+    assert (out / "annotated" / "photos" / "deeper" / "Good.jpg").exists()
+
+
+def test_no_detect_takes_each_image_as_a_face(ckpts, split, tmp_path, capsys):
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"face{i}.png"), split[0][i])
+    out = tmp_path / "out"
+    code, _, err = run_cli(["-c", ckpts["a"], "--images", str(folder), "--no-detect", "-o", str(out),
+                            "--tta", "flip", "--device", "cpu"], capsys)
+    assert code == 0, err
+    table = pd.read_csv(out / "faces.csv")
+    assert len(table) == 3 and (table["w"] == 48).all() and (table["x"] == 0).all()
+    models, _ = infer.load_models(ckpts["a"])
+    expected = infer.predict(models, split[0][:3], "flip")
+    got = table[[f"p_{n}" for n in utils.EMOTIONS]].to_numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_huge_image_is_refused_from_its_header(ckpts, astronaut_jpg, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    huge = write_huge_png(folder / "huge.png", 20000, 20000)
+    assert os.path.getsize(huge) < 200_000
+    (folder / "ok.jpg").write_bytes(open(astronaut_jpg, "rb").read())
+    out = tmp_path / "out"
+    exact = peak_rss_reset()
+    before = peak_rss_mb()
+    code, _, err = run_cli(["-c", ckpts["a"], "--images", str(folder), "-o", str(out),
+                            "--device", "cpu"], capsys)
+    grown = peak_rss_mb() - before
+    assert code == 0, err
+    assert "huge.png" in err and "refused" in err and "20000x20000" in err
+    assert grown < 300, f"peak memory grew by {grown:.0f} MB (exact measure: {exact})"
+    table = pd.read_csv(out / "faces.csv")
+    assert list(map(os.path.basename, table["file"])) == ["ok.jpg"]
+    # Only the huge image: nothing processed, a clear error and exit code 2.
+    code, _, err = run_cli(["-c", ckpts["a"], "--images", huge, "-o", str(out), "--device", "cpu"],
+                           capsys)
+    assert code == 2 and "nothing could be processed" in err and "Traceback" not in err
+
+
+def test_large_jpeg_is_downscaled_while_decoding(ckpts, astronaut_jpg, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(infer, "MAX_PIXELS", 100_000)  # the 512x512 photo now counts as huge
+    out = tmp_path / "out"
+    code, _, err = run_cli(["-c", ckpts["a"], "--images", astronaut_jpg, "-o", str(out),
+                            "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "downscaled" in err and "1/2" in err
+    row = pd.read_csv(out / "faces.csv").iloc[0]
+    assert 150 < row["x"] < 200 and 70 < row["w"] < 130  # the box is in the file's own pixels
+    assert cv2.imread(str(out / "annotated" / "astronaut.jpg")).shape == (256, 256, 3)
+
+
+def test_nothing_to_process_is_an_error(ckpts, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(["-c", ckpts["a"], "--images", str(empty), "-o", str(tmp_path / "o"),
+                            "--device", "cpu"], capsys)
+    assert code == 2 and "no image files were found" in err
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+
+class Malicious:
+    marker = None
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file when unpickled
+
+
+def _bad_checkpoint(kind, folder, good):
+    path = folder / f"{kind}.pth"
+    if kind == "random_bytes":
+        path.write_bytes(np.random.default_rng(1).bytes(5000))
+    elif kind == "truncated":
+        data = open(good, "rb").read()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "foreign_dict":
+        torch.save({"weights": torch.zeros(3), "epoch": 4}, path)
+    elif kind == "unknown_model":
+        torch.save({"format_version": train.CHECKPOINT_FORMAT, "model_name": "resnet50",
+                    "model_state": {"w": torch.zeros(1)}}, path)
+    elif kind == "wrong_weights":
+        torch.save({"format_version": train.CHECKPOINT_FORMAT, "model_name": "vgg2_2_2",
+                    "model_state": random_model(0).state_dict()}, path)
+    elif kind == "malicious":
+        evil = Malicious()
+        evil.marker = str(folder / "pwned")
+        torch.save({"format_version": train.CHECKPOINT_FORMAT, "model_name": "vgg2_0_2",
+                    "model_state": {}, "extra": evil}, path)
+    elif kind == "missing":
+        pass
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["random_bytes", "truncated", "foreign_dict", "unknown_model",
+                                  "wrong_weights", "malicious", "missing"])
+def test_bad_checkpoint_is_a_clear_error(kind, ckpts, astronaut_jpg, tmp_path, capsys):
+    path = _bad_checkpoint(kind, tmp_path, ckpts["a"])
+    code, _, err = run_cli(["-c", path, "--images", astronaut_jpg, "-o", str(tmp_path / "o"),
+                            "--device", "cpu"], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and f"{kind}.pth" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    if kind == "unknown_model":
+        assert "resnet50" in err and "vgg2_4_ilrb_2" in err
+    if kind == "malicious":
+        assert not (tmp_path / "pwned").exists()
+
+
+def test_ensemble_with_different_classes_is_an_error(ckpts, astronaut_jpg, tmp_path, capsys):
+    renamed = save_checkpoint(tmp_path / "renamed.pth", random_model(3))
+    ckpt = torch.load(renamed, weights_only=True)
+    ckpt["class_names"] = ["Anger", *utils.EMOTIONS[1:]]
+    torch.save(ckpt, renamed)
+    code, _, err = run_cli(["-c", ckpts["a"], renamed, "--images", astronaut_jpg, "-o",
+                            str(tmp_path / "o"), "--device", "cpu"], capsys)
+    assert code == 2 and "do not agree on the classes" in err
+
+
+def test_bad_flags_exit_2(ckpts, capsys):
+    code, _, err = run_cli(["-c", ckpts["a"], "--batch_size", "0"], capsys)
+    assert code == 2 and "--batch_size" in err
+    code, _, err = run_cli(["-c", ckpts["a"], "--tta", "rotate"], capsys)
+    assert code == 2 and "--tta" in err
