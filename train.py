@@ -272,6 +272,9 @@ def fit(model, optimizer, loss_fn, train_batches, val_data, cfg, state, save, de
                     loss.backward()
                     optimizer.step()
                 state["step"] += 1
+                if not images_done:
+                    log(f"first training step done {time.perf_counter() - session_start:.2f} s "
+                        "after the loop started")
                 images_done += len(y)
                 correct = (logits.detach().argmax(1) == y).sum().float()
                 running += torch.stack([loss.detach() * len(y), correct, torch.ones_like(correct) * len(y)])
