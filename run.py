@@ -140,6 +140,18 @@ def resolve_run(parser, argv):
     return args, resume, init
 
 
+def make_optimizer(model, args):
+    """The optimiser the flags ask for; weight decay on weights only (not on BN, PReLU, biases)."""
+    import torch
+    params = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": args.weight_decay},
+              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr)
+    return torch.optim.Adadelta(params, lr=args.lr)
+
+
 def setup_distributed(device_name):
     """(rank, world size, device); torchrun's environment turns on DistributedDataParallel."""
     import torch
@@ -235,14 +247,7 @@ def main(argv):
     model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    params = [{"params": [p for n, p in model.named_parameters() if p.ndim > 1], "weight_decay": args.weight_decay},
-              {"params": [p for n, p in model.named_parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True)
-    elif args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=args.lr)
-    else:
-        optimizer = torch.optim.Adadelta(params, lr=args.lr)
+    optimizer = make_optimizer(model, args)
     amp_dtype = None
     if args.amp and device.type == "cuda":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

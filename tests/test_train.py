@@ -39,8 +39,10 @@ def run_args(csv, tmp_path, *extra):
 
 
 def test_short_run_learns_synthetic_faces_and_writes_everything(faces_csv, tmp_path):
+    # The synthetic demo's settings: random erasing off (it hides the mouth that carries most of
+    # the expression), AdamW, which learns these faces fastest (84% after 6 epochs when measured).
     assert run.main(run_args(faces_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "6",
-                             "--batch_size", "64", "--lr", "0.05")) == 0
+                             "--batch_size", "64", "--optimizer", "adamw", "--erase_p", "0")) == 0
     ckpt_dir, out = tmp_path / "ckpt" / "r", tmp_path / "out" / "r"
     assert sorted(os.listdir(ckpt_dir)) == ["vgg2_0_2_best.pth", "vgg2_0_2_last.pth"]
     history = json.loads((out / "history.json").read_text())
@@ -210,7 +212,8 @@ def test_two_process_gloo_run_trains_once_and_agrees(faces_csv, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", "29517", "run.py", *run_args(faces_csv, tmp_path, "-m", "vgg2_0_2",
-               "--epoch_num", "4", "--batch_size", "32", "--lr", "0.05", "--num_workers", "1")]
+               "--epoch_num", "4", "--batch_size", "32", "--optimizer", "adamw", "--erase_p", "0",
+               "--num_workers", "1")]
     result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
