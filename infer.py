@@ -794,8 +794,25 @@ def get_args_parser():
                    help="with --images: each image is one already-cropped face (no face detection)")
     p.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true",
                    help="drop malformed CSV rows (with a warning that counts them)")
+    p.add_argument("--export", metavar="FILE",
+                   help="write a small inference-only copy of the checkpoint (fp16 weights, no "
+                        "optimiser state) to FILE, then stop")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def export_checkpoint(path, destination):
+    """An inference-only copy: fp16 weights and the run's description, no optimiser or RNG."""
+    ckpt = load_checkpoint(path)
+    model_from_checkpoint(ckpt, source=path)  # refuse to export what could not be loaded
+    keep = ("format_version", "model_name", "class_names", "pretrained_used", "args", "history",
+            "run_name", "dataset", "step", "epoch")
+    small = {k: ckpt[k] for k in keep if k in ckpt}
+    small["kind"] = "export"
+    small["model_state"] = {k: v.half() if v.is_floating_point() else v
+                            for k, v in ckpt["model_state"].items()}
+    atomic_write(destination, lambda f: torch.save(small, f))
+    return destination
 
 
 def main(argv=None):
@@ -807,6 +824,12 @@ def main(argv=None):
         parser.error("--num_save must be >= 0")
     device = select_device(args.device)
     paths = [resolve_checkpoint(p) for p in args.checkpoint]
+    if args.export:
+        if len(paths) != 1:
+            parser.error("--export takes one checkpoint")
+        size = os.path.getsize(export_checkpoint(paths[0], args.export)) / 2**20
+        print(f"wrote {args.export} ({size:.1f} MiB)")
+        return 0
     out_dir = args.output or default_output_dir(paths)
     check_writable(out_dir)
     models, class_names = load_models(paths, device)

@@ -459,3 +459,22 @@ def test_bad_flags_exit_2(ckpts, capsys):
     assert code == 2 and "--batch_size" in err
     code, _, err = run_cli(["-c", ckpts["a"], "--tta", "rotate"], capsys)
     assert code == 2 and "--tta" in err
+
+
+def test_export_writes_a_small_fp16_checkpoint_that_predicts_the_same(tmp_path):
+    """--export: half the size, loads with weights_only, same predictions to fp16 precision."""
+    source = tmp_path / "full.pth"
+    torch.manual_seed(0)
+    model = FerNet("vgg2_0_2").eval()
+    torch.save({"format_version": train.CHECKPOINT_FORMAT, "model_name": "vgg2_0_2",
+                "model_state": model.state_dict(), "class_names": list(utils.EMOTIONS),
+                "optimizer_state": {"state": {0: {"momentum_buffer": torch.zeros(2_000_000)}}}}, source)
+    small = tmp_path / "small.pth"
+    assert infer.main(["--checkpoint", str(source), "--export", str(small)]) == 0
+    assert small.stat().st_size < source.stat().st_size / 3
+    ckpt = train.load_checkpoint(str(small))
+    assert ckpt["kind"] == "export" and "optimizer_state" not in ckpt
+    faces = np.random.default_rng(0).integers(0, 256, (32, 48, 48), dtype=np.uint8)
+    full = infer.predict([model], faces)
+    half = infer.predict([infer.model_from_checkpoint(ckpt)], faces)
+    assert np.abs(full - half).max() < 2e-2 and (full.argmax(1) == half.argmax(1)).mean() > 0.9
