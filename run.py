@@ -337,8 +337,8 @@ def main(argv):
         plot_curves(state["history"], os.path.join(out_dir, "curves.png"))
     if world > 1:
         # Every rank must hold the same weights after training: compare a checksum.
-        checksum = torch.tensor([sum(p.double().sum() for p in model_to_save.state_dict().values()
-                                     if p.is_floating_point())], device=device)
+        checksum = torch.tensor([sum(p.detach().double().sum() for p in model_to_save.parameters())],
+                                device=device)
         sums = [torch.zeros_like(checksum) for _ in range(world)]
         torch.distributed.all_gather(sums, checksum)
         agree = all(torch.equal(s, sums[0]) for s in sums)

@@ -300,6 +300,11 @@ def fit(model, optimizer, loss_fn, train_batches, val_data, cfg, state, save, de
                 loss_sum, correct, seen = running.tolist()
                 train_loss, train_acc = loss_sum / seen, correct / seen
                 check_finite(train_loss, state["step"], lr)
+                if world > 1:
+                    # BatchNorm statistics drift apart on each rank's own batches; validate (and
+                    # save) with rank 0's, which DDP hands to every rank before each forward anyway.
+                    for buffer in (eval_model or model).buffers():
+                        torch.distributed.broadcast(buffer, 0)
                 val_loss, val_acc = evaluate(eval_model or model, *val_data, cfg.eval_batch_size,
                                              device, rank, world)
                 check_finite(val_loss, state["step"], lr)

@@ -151,3 +151,31 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(UserError, match="not a readable checkpoint"):
         train.load_checkpoint(str(path))
+
+
+def test_disk_full_mid_run_keeps_the_best_checkpoint(tiny_csv, tmp_path, monkeypatch, capsys):
+    """The third checkpoint write fails as on a full disk: clear error, earlier files intact."""
+    import utils
+    real_save = utils.save_torch
+    calls = []
+
+    def fills_up(obj, path):
+        calls.append(path)
+        if len(calls) == 3:
+            def half_then_full(f):
+                f.write(b"partial")
+                raise OSError(28, "No space left on device")
+            utils.atomic_write(path, half_then_full)
+        return real_save(obj, path)
+    monkeypatch.setattr(utils, "save_torch", fills_up)
+    argv = ["-d", tiny_csv, "-m", "vgg2_0_2", "--epoch_num", "3", "--batch_size", "32",
+            "--pretrained", "no", "--num_iter_to_validate", "4", "--run_name", "r",
+            "--checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(run.main, argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "intact" in err and "Traceback" not in err
+    best = train.load_checkpoint(str(tmp_path / "ckpt" / "r" / "vgg2_0_2_best.pth"))
+    assert best["step"] == 4  # written by the first validation, still whole
+    assert sorted(os.listdir(tmp_path / "ckpt" / "r")) == ["vgg2_0_2_best.pth", "vgg2_0_2_last.pth"]
