@@ -2,6 +2,14 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Every test decodes CSVs into its own cache folder, never into the project's data/cache."""
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))

@@ -20,11 +20,6 @@ def tiny_csv(tmp_path_factory):
                                          n_test=8, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def one_thread():
     """Batch-1 inference with several threads crawls when other work holds the cores."""

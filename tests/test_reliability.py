@@ -24,11 +24,6 @@ def tiny_csv(tmp_path_factory):
                                          n_test=64, seed=4)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
-
-
 def start_training(csv, tmp_path, epochs):
     command = [sys.executable, "run.py", "-d", csv, "-m", "vgg2_0_2", "--epoch_num", str(epochs),
                "--batch_size", "32", "--num_iter_to_validate", "4", "--pretrained", "no",

@@ -28,11 +28,6 @@ def tiny_csv(tmp_path_factory):
                                          n_test=64, seed=2)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
-
-
 def run_args(csv, tmp_path, *extra):
     return ["-d", csv, "--checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"),
             "--pretrained", "no", "--num_save", "0", "--run_name", "r", *extra]
