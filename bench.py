@@ -4,9 +4,10 @@
     python3 bench.py --models vgg2_0_2 --steps 5       # one model, quickly
     python3 bench.py -d synthetic --skip_usual         # only our pipeline
     python3 bench.py --device cuda --amp               # on a GPU (bf16), with GPU utilisation
+    python3 bench.py --amp --skip_usual                # ours in bf16 on a CPU that has it
 
 What it measures, in one run:
-  * the machine's ceiling: the best fp32 (with --amp on CUDA also bf16) torch.mm GFLOP/s;
+  * the machine's ceiling: the best fp32 (with --amp also bf16) torch.mm GFLOP/s;
   * loading the data: ours (dataset.load_fer2013 from its uint8 cache, and cold, parsing the CSV)
     against the usual pandas read of the CSV once per split;
   * startup: seconds from launching `python run.py ...` until it logs "first training step done";
@@ -213,10 +214,9 @@ def run_defaults(model_name, device_name):
 
 
 def amp_dtype_for(device, amp):
-    """run.py's choice: bf16 where CUDA supports it, else fp16; None (fp32) without --amp or off CUDA."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """run.py's choice of autocast dtype with --amp; None (fp32) without it."""
+    import run
+    return run.amp_dtype_for(device) if amp else None
 
 
 def measure_ours_train(name, train_data, val_data, device, steps, warmup, amp=False, device_name="auto"):
@@ -575,7 +575,8 @@ def get_args_parser():
     p.add_argument("--eval_images", type=int, default=1024,
                    help="validation faces timed per evaluation (capped at the split's size)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for our pipeline on CUDA")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast for our pipeline (CUDA, or CPUs with bf16 support)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     p.add_argument("--matmul_size", type=int, default=None,
                    help="side of the matmul for the ceiling (default 2048 on CPU, 8192 on CUDA)")
@@ -630,7 +631,7 @@ def _bench(args, usual_steps):
     if amp_dtype is not None:
         report["ceiling"] = matmul_ceiling(device, str(amp_dtype).replace("torch.", ""), args.matmul_size)
     elif args.amp:
-        say(f"note: --amp only acts on CUDA; measuring fp32 on {device.type}")
+        say(f"note: --amp needs CUDA or a CPU with bf16; measuring fp32 on {device.type}")
     ceiling = report["ceiling"]["gflop_s"]
     say(f"  {ceiling:.0f} GFLOP/s ({report['ceiling']['dtype']})")
 

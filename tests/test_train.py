@@ -218,3 +218,17 @@ def test_two_process_gloo_run_trains_once_and_agrees(faces_csv, tmp_path):
     history = json.loads((tmp_path / "out" / "r" / "history.json").read_text())
     assert len(history) == 4 and history[-1]["val_acc"] > 0.5
     assert json.loads((tmp_path / "out" / "r" / "test_metrics.json").read_text())["n"] == 400
+
+
+def test_amp_on_a_cpu_trains_in_bf16_when_the_cpu_has_it(tiny_csv, tmp_path, capsys):
+    import run as run_module
+    dtype = run_module.amp_dtype_for(torch.device("cpu"))
+    assert run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "2", "--amp",
+                             "--optimizer", "adamw", "--erase_p", "0")) == 0
+    out = capsys.readouterr().out
+    history = json.loads((tmp_path / "out/r/history.json").read_text())
+    assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in history)
+    if dtype is None:
+        assert "training in fp32" in out
+    else:
+        assert dtype == torch.bfloat16 and "training in fp32" not in out
