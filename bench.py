@@ -46,7 +46,6 @@ import torch
 from torch.utils.data import Dataset
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-REAL_CSV = "/work/shared/data/fer2013.csv.gz"
 # The usual pipeline's settings (the reference; see UsualFerDataset and measure_usual_*).
 USUAL = {"batch_size": 16, "num_workers": 4, "optimizer": "Adadelta(lr=0.1)", "loss": "CrossEntropyLoss()",
          "memory_format": "NCHW", "eval_batch_size": 1, "eval_num_workers": 0,
@@ -558,10 +557,12 @@ def summary_lines(report):
 # ----------------------------------------------------------------------------- main
 
 def get_args_parser():
+    import dataset
     from models import MODEL_NAMES
     p = argparse.ArgumentParser(description="Benchmark our pipeline against the usual FER2013 one.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-d", "--dataset", default=REAL_CSV if os.path.exists(REAL_CSV) else "synthetic",
+    p.add_argument("-d", "--dataset",
+                   default=dataset.DEFAULT_CSV if os.path.exists(dataset.DEFAULT_CSV) else "synthetic",
                    help="a FER2013 CSV, or 'synthetic'")
     p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
                    help="models to measure")
