@@ -1,4 +1,5 @@
 """infer.py: split reports, TTA, ensembles, own photos, and bad inputs (all on made-up data)."""
+import glob
 import json
 import os
 import resource
@@ -288,6 +289,19 @@ def test_predict_rejects_bad_arguments(ckpts, split):
 
 
 # ----------------------------------------------------------------------------- own photos
+
+def test_shipped_model_sees_the_smiling_astronaut_as_happy(astronaut_jpg, tmp_path, capsys):
+    """The trained checkpoint committed under pretrained/ works right after install."""
+    shipped = glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                     "pretrained", "*.pth"))
+    assert shipped, "no trained checkpoint under pretrained/"
+    for path in shipped:
+        out = tmp_path / os.path.basename(path)
+        code, stdout, err = run_cli(["-c", path, "--images", astronaut_jpg, "-o", str(out)], capsys)
+        assert code == 0, err
+        table = pd.read_csv(out / "faces.csv")
+        assert list(table["emotion"]) == ["Happy"] and table["confidence"][0] > 0.5
+
 
 def test_astronaut_photo_gives_one_labelled_face(ckpts, astronaut_jpg, tmp_path, capsys):
     out = tmp_path / "out"
