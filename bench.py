@@ -45,13 +45,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils import eval_batch_size
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The usual pipeline's settings (the reference; see UsualFerDataset and measure_usual_*).
 USUAL = {"batch_size": 16, "num_workers": 4, "optimizer": "Adadelta(lr=0.1)", "loss": "CrossEntropyLoss()",
          "memory_format": "NCHW", "eval_batch_size": 1, "eval_num_workers": 0,
          "train_transform": "RandomCrop(48, padding=4), RandomHorizontalFlip(), ToTensor()",
          "eval_transform": "ToTensor()", "csv_reads_per_start": 3}
-OUR_EVAL_BATCH = 512
 STARTUP_MARKER = "first training step done"
 STARTUP_MODEL = "vgg2_0_2"
 # The issue's goals.
@@ -206,9 +207,8 @@ class TimedBatches:
 def run_defaults(model_name, device_name):
     """run.py's settings for a fresh run of `model_name` with every other flag at its default."""
     import run
-    args = run.get_args_parser().parse_args(["-m", model_name, "--pretrained", "no",
-                                             "--device", device_name])
-    args.lr = args.lr or run.DEFAULT_LR[args.optimizer]
+    args, _, _ = run.resolve_run(run.get_args_parser(), ["-m", model_name, "--pretrained", "no",
+                                                         "--device", device_name])
     return args
 
 
@@ -254,21 +254,22 @@ def measure_ours_train(name, train_data, val_data, device, steps, warmup, amp=Fa
 
 
 def measure_ours_eval(model, faces, device, amp=False):
-    """infer.predict in batches of 512 (under inference_mode) over `faces` (uint8 N x 48 x 48,
-    already on the GPU when training there), after one untimed warm-up batch."""
+    """infer.predict at its default batch size for the device (under inference_mode) over `faces`
+    (uint8 N x 48 x 48, already on the GPU when training there), after one untimed warm-up batch."""
     import infer
+    batch = eval_batch_size(None, device)
     amp_dtype = amp_dtype_for(device, amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     with autocast:
-        infer.predict(model, faces[:OUR_EVAL_BATCH], batch_size=OUR_EVAL_BATCH, device=device)
+        infer.predict(model, faces[:batch], device=device)
         sync(device)
         with UtilSampler(device) as sampler:
             t0 = time.perf_counter()
-            infer.predict(model, faces, batch_size=OUR_EVAL_BATCH, device=device)
+            infer.predict(model, faces, device=device)
             sync(device)
             t1 = time.perf_counter()
     result = {"eval_img_s": len(faces) / (t1 - t0), "eval_images": len(faces), "eval_seconds": t1 - t0,
-              "eval_batch_size": OUR_EVAL_BATCH}
+              "eval_batch_size": batch}
     if device.type == "cuda":
         result["eval_gpu_utilization_pct"] = sampler.mean(t0, t1)
     return result
@@ -616,7 +617,8 @@ def _bench(args, usual_steps):
     report = {"machine": machine_info(device),
               "settings": dict(vars(args), usual_steps=usual_steps, usual_warmup=4 * args.warmup),
               "usual_pipeline": USUAL,
-              "our_pipeline": {"train": "run.py defaults through train.fit", "eval_batch_size": OUR_EVAL_BATCH},
+              "our_pipeline": {"train": "run.py defaults through train.fit",
+                               "eval": "infer.predict at its default batch size"},
               "models": {}}
     say(f"bench on {device} ({report['machine']['cpu']}, {report['machine']['cores']} cores, "
         f"{torch.get_num_threads()} torch threads), torch {torch.__version__}")

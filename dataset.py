@@ -231,11 +231,11 @@ def class_table(counts):
 
 
 def plot_class_distribution(counts, path):
-    """Grouped bar chart of faces per class and split, saved as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4))
+    """Grouped bar chart of faces per class and split, saved as PNG. Uses matplotlib's object
+    API, not pyplot, so that it is safe in a background thread (run.py draws it there)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(counts))
     for i, (split, c) in enumerate(counts.items()):
         ax.bar(np.arange(7) + i * width, c, width, label=split)
@@ -246,7 +246,6 @@ def plot_class_distribution(counts, path):
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def report_classes(data, out_dir):

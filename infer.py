@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from models import MODEL_NAMES, FerNet
 from train import load_checkpoint
-from utils import EMOTIONS, UserError, atomic_write, check_writable, save_json, select_device
+from utils import (EMOTIONS, UserError, atomic_write, check_writable, eval_batch_size, save_json,
+                   select_device)
 
 TTA_MODES = ("none", "flip", "tencrop")
 SIDE = 48  # the models' input size
@@ -165,9 +166,10 @@ def _predict(models, images, modes, batch_size, device):
     for mode in modes:
         if mode not in TTA_MODES:
             raise ValueError(f"unknown tta {mode!r}; choose one of {', '.join(TTA_MODES)}")
+    device = torch.device(device)
+    batch_size = eval_batch_size(batch_size, device)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive whole number, got {batch_size!r}")
-    device = torch.device(device)
     images = _as_faces(images)
     out = {mode: np.zeros((len(images), len(EMOTIONS)), np.float64) for mode in modes}
     for model in models:
@@ -189,7 +191,7 @@ def _predict(models, images, modes, batch_size, device):
     return out
 
 
-def predict(models, images, tta="none", batch_size=512, device="cpu"):
+def predict(models, images, tta="none", batch_size=None, device="cpu"):
     """Class probabilities (N, 7) float64 for faces (N, 48, 48) (uint8, or float in [0, 1]).
 
     Batched, under torch.inference_mode(). Probabilities are averaged over `models` (a model or a
@@ -237,7 +239,7 @@ def compute_metrics(probs, labels, class_names=EMOTIONS):
     return metrics, text
 
 
-def evaluate_split(checkpoint_paths, images, labels, batch_size=512, device="cpu", tta="none"):
+def evaluate_split(checkpoint_paths, images, labels, batch_size=None, device="cpu", tta="none"):
     """Loss, accuracy, macro-F1 and n of the (averaged) checkpoints on uint8 faces and labels."""
     models, class_names = load_models(checkpoint_paths, device)
     metrics, _ = compute_metrics(predict(models, images, tta, batch_size, device), labels, class_names)
@@ -344,7 +346,7 @@ def _describe(paths):
     return names[0] if len(names) == 1 else f"ensemble of {len(names)} ({', '.join(names)})"
 
 
-def report(checkpoint_paths, images, labels, out_dir, tta="none", num_save=16, batch_size=512,
+def report(checkpoint_paths, images, labels, out_dir, tta="none", num_save=16, batch_size=None,
            device="cpu", split_name="test", log=print, models=None):
     """Classify a labelled split, print the summary and write every report file into `out_dir`.
 
@@ -623,7 +625,7 @@ def _write_image(path, image):
     atomic_write(path, lambda f: f.write(buf.tobytes()))
 
 
-def classify_photos(inputs, models, class_names, out_dir, detect=True, tta="none", batch_size=512,
+def classify_photos(inputs, models, class_names, out_dir, detect=True, tta="none", batch_size=None,
                     device="cpu", log=print, warn=None):
     """Find, crop and classify the faces in photos (files or folders); write annotated copies
     under out_dir/annotated/ and faces.csv / faces.json (face boxes x, y, w, h in the pixels of
@@ -635,6 +637,7 @@ def classify_photos(inputs, models, class_names, out_dir, detect=True, tta="none
     import cv2
     import pandas as pd
     from tqdm import tqdm
+    batch_size = eval_batch_size(batch_size, device)
 
     def default_warn(message):
         tqdm.write(f"warning: {message}", file=sys.stderr)
@@ -780,8 +783,8 @@ def get_args_parser():
                    help="which split to evaluate: Training, PublicTest or PrivateTest (default test)")
     p.add_argument("-o", "--output", default=None,
                    help="output folder (default outputs/infer/<checkpoint folder>/<checkpoint name>)")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=512,
-                   help="faces per batch (default 512)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=None,
+                   help="faces per batch (default 64 on a CPU, 512 on a GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--num_save", "--num-save", type=int, default=16,
                    help="faces of the split saved as images and shown in the grid (default 16)")
@@ -818,7 +821,7 @@ def export_checkpoint(path, destination):
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     if args.num_save < 0:
         parser.error("--num_save must be >= 0")

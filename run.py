@@ -9,14 +9,14 @@ Each run gets its own folders, checkpoint/RUN/ and outputs/RUN/ (RUN = model and
 """
 import argparse
 import csv
-import json
 import os
 import sys
+import threading
 import time
 
 from utils import UserError, run_cli
 
-# Learning rates that work with the default batch size of 128, per optimiser.
+# Learning rates that work with the default batch sizes (128; 64 for vgg2_4_ilrb_2), per optimiser.
 DEFAULT_LR = {"sgd": 0.02, "adamw": 1e-3, "adadelta": 0.1}
 # Flags that may differ when a run is resumed on another machine without changing the result.
 RESUME_OVERRIDES = ("device", "num_workers", "num_save", "eval_batch_size", "debug", "epoch_num",
@@ -32,9 +32,11 @@ def get_args_parser():
                    help="FER2013 CSV (.csv/.gz/.xz/.zip), or 'synthetic' for the built-in faces")
     p.add_argument("-m", "--model", choices=MODEL_NAMES, default=None,
                    help="model to train (default vgg2_4_2_conv3; taken from the file on resume)")
-    p.add_argument("--batch_size", type=int, default=128,
-                   help="training batch size (per process under torchrun)")
-    p.add_argument("--eval_batch_size", type=int, default=512, help="batch size for validation")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="training batch size per process (default 128; 64 for vgg2_4_ilrb_2)")
+    p.add_argument("--eval_batch_size", type=int, default=None,
+                   help="batch size for validation and the final test (default 64 on a CPU, "
+                        "512 on a GPU)")
     p.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default="sgd",
                    help="sgd = SGD with Nesterov momentum 0.9; adadelta is the classic recipe")
     p.add_argument("--lr", type=float, default=None,
@@ -88,7 +90,8 @@ def get_args_parser():
 def check_args(args):
     """Impossible values are errors before any work starts."""
     rules = [(args.batch_size > 0, "--batch_size must be positive"),
-             (args.eval_batch_size > 0, "--eval_batch_size must be positive"),
+             (args.eval_batch_size is None or args.eval_batch_size > 0,
+              "--eval_batch_size must be positive"),
              (args.lr is None or args.lr > 0, "--lr must be positive"),
              (args.epoch_num > 0, "--epoch_num must be positive"),
              (args.patience > 0, "--patience must be at least 1"),
@@ -115,6 +118,7 @@ def explicit_flags(parser, argv):
 
 def resolve_run(parser, argv):
     """Parse the command line into (args, checkpoint to resume or None, checkpoint to start from)."""
+    from models import BATCH_SIZE, DEFAULT_BATCH_SIZE
     from train import load_checkpoint
     args = parser.parse_args(argv)
     resume = init = None
@@ -136,6 +140,8 @@ def resolve_run(parser, argv):
             args.init_from = args.checkpoint
             args.checkpoint = parser.get_default("checkpoint")
     args.model = args.model or "vgg2_4_2_conv3"
+    if args.batch_size is None:
+        args.batch_size = BATCH_SIZE.get(args.model, DEFAULT_BATCH_SIZE)
     args.lr = args.lr or DEFAULT_LR[args.optimizer]
     check_args(args)
     return args, resume, init
@@ -209,6 +215,20 @@ def plot_curves(history, path):
     plt.close(fig)
 
 
+def in_background(plot, *args):
+    """Draw a chart in a thread: importing matplotlib and drawing take about a second, which the
+    run spends on its first training steps instead (torch releases the GIL). The run does not
+    need the picture, so a failure is a warning."""
+    def draw():
+        try:
+            plot(*args)
+        except Exception as err:  # a missing font, a full disk: not worth stopping the run
+            print(f"warning: could not draw {args[-1]}: {type(err).__name__}: {err}", file=sys.stderr)
+    thread = threading.Thread(target=draw, name=plot.__name__)
+    thread.start()
+    return thread
+
+
 def main(argv):
     import numpy as np
     import torch
@@ -216,7 +236,7 @@ def main(argv):
     import infer
     import train
     from models import build_model
-    from utils import check_writable, save_json, save_torch, seed_everything
+    from utils import check_writable, eval_batch_size, save_json, save_torch, seed_everything
 
     parser = get_args_parser()
     args, resume, init = resolve_run(parser, argv)
@@ -247,7 +267,10 @@ def main(argv):
     data.split("test")  # fail now, not after training, when the test split is missing
     if rank == 0:
         log(f"{data.source}: {len(train_y)} training, {len(val_y)} validation faces")
-        dataset.report_classes(data, out_dir)
+        counts = dataset.class_counts(data)
+        log(dataset.class_table(counts))
+        chart = in_background(dataset.plot_class_distribution, counts,
+                              os.path.join(out_dir, "class_distribution.png"))
 
     seed_everything(args.seed + rank)
     model, used_imagenet = (build_model(args.model, "no") if resume is not None
@@ -306,7 +329,9 @@ def main(argv):
     batches = train.Batches(train_images, train_labels, args.batch_size, args.seed, rank=rank, world=world)
     steps_per_epoch = len(batches)
 
-    cfg = argparse.Namespace(**vars(args), amp_dtype=amp_dtype)
+    # The eval batch stays unresolved in args: a run resumed on another device gets that one's default.
+    eval_batch = eval_batch_size(args.eval_batch_size, device)
+    cfg = argparse.Namespace(**dict(vars(args), eval_batch_size=eval_batch), amp_dtype=amp_dtype)
     paths = {kind: os.path.join(ckpt_dir, f"{args.model}_{kind}.pth") for kind in ("best", "last")}
 
     def save(kind):
@@ -340,6 +365,8 @@ def main(argv):
             f" checkpoints in {ckpt_dir}, outputs in {out_dir}")
     ended = train.fit(model, optimizer, loss_fn, batches, val_data, cfg, state, save, device,
                       scaler, rank, world, log, eval_model=model_to_save)
+    if rank == 0:
+        chart.join()
     log(f"{ended}; {state['step']} steps in {state['elapsed']:.0f} s, "
         f"{state['images_per_s']:.0f} training images/s")
     if rank == 0 and state["history"]:
@@ -362,7 +389,7 @@ def main(argv):
         test_x, test_y = data.split("test")
         log(f"testing the best checkpoint on PrivateTest: reports in {os.path.join(out_dir, 'test')}")
         metrics = infer.report([paths["best"]], test_x, test_y, os.path.join(out_dir, "test"),
-                               num_save=args.num_save, batch_size=args.eval_batch_size,
+                               num_save=args.num_save, batch_size=eval_batch,
                                device=device, split_name="test (PrivateTest)", log=log)
         save_json(metrics, os.path.join(out_dir, "test_metrics.json"))
     return 0

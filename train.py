@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import UserError
+from utils import UserError, eval_batch_size
 
 CHECKPOINT_FORMAT = 1
 
@@ -132,13 +132,13 @@ class EarlyStopper:
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, batch_size=512, device="cpu", rank=0, world=1):
+def evaluate(model, images, labels, batch_size=None, device="cpu", rank=0, world=1):
     """Plain (unweighted) cross-entropy and accuracy on uint8 images, reduced over ranks."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
     shard = torch.arange(len(labels))[rank::world]
-    for idx in torch.split(shard, batch_size):
+    for idx in torch.split(shard, eval_batch_size(batch_size, device)):
         idx = idx.to(labels.device)
         x = images[idx].to(device, non_blocking=True).float().div_(255)
         y = labels[idx].to(device, non_blocking=True)

@@ -1,6 +1,5 @@
 """Faults during training: kills, Ctrl-C, NaN, unwritable folders, untrusted checkpoint files."""
 import os
-import pickle
 import signal
 import subprocess
 import sys

@@ -1,5 +1,4 @@
 """Training end to end on synthetic faces: accuracy, files, exact resume, early stopping, errors."""
-import glob
 import json
 import os
 import signal
@@ -8,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+import dataset
 import run
 import synthetic
 import train
-from utils import UserError, atomic_write, run_cli
+from utils import atomic_write, eval_batch_size, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,18 @@ def test_weighted_loss_uses_inverse_class_frequency():
     assert np.all(weights[[3, 5, 6]] == 0)
 
 
+def test_a_chart_that_cannot_be_drawn_is_a_warning_not_a_failure(tiny_csv, tmp_path, monkeypatch,
+                                                                  capsys):
+    def broken(counts, path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(dataset, "plot_class_distribution", broken)
+    assert run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "1")) == 0
+    err = capsys.readouterr().err
+    assert "warning: could not draw" in err and "class_distribution.png" in err
+    assert "Traceback" not in err
+    assert (tmp_path / "out" / "r" / "test_metrics.json").exists()
+
+
 def test_weighted_run_prints_the_weights(tiny_csv, tmp_path, capsys):
     run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "1", "--wl"))
     assert "class weights (inverse frequency, mean 1): Angry" in capsys.readouterr().out
@@ -147,6 +159,23 @@ def test_impossible_values_fail_before_any_work(flags, message, tmp_path, capsys
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and "no dataset" not in err
+
+
+@pytest.mark.parametrize("flags, batch", [
+    (["-m", "vgg2_4_2_conv3"], 128),
+    (["-m", "vgg2_4_ilrb_2"], 64),  # memory-bound: smaller batches train faster per image
+    (["-m", "vgg2_4_ilrb_2", "--batch_size", "32"], 32),
+])
+def test_training_batch_size_defaults_per_model(flags, batch):
+    args, _, _ = run.resolve_run(run.get_args_parser(), flags)
+    assert args.batch_size == batch and args.eval_batch_size is None
+
+
+@pytest.mark.parametrize("given, device, expected", [
+    (None, "cpu", 64), (None, torch.device("cpu"), 64), (None, "cuda:1", 512),
+    (None, torch.device("mps"), 512), (7, "cpu", 7), (1024, "cuda", 1024)])
+def test_eval_batch_size_defaults_per_device(given, device, expected):
+    assert eval_batch_size(given, device) == expected
 
 
 def test_unknown_model_is_rejected_with_the_choices(capsys):
