@@ -214,8 +214,8 @@ def run_defaults(model_name, device_name):
 
 def amp_dtype_for(device, amp):
     """run.py's choice of autocast dtype with --amp; None (fp32) without it."""
-    import run
-    return run.amp_dtype_for(device) if amp else None
+    from utils import amp_dtype_for as dtype_for
+    return dtype_for(device) if amp else None
 
 
 def measure_ours_train(name, train_data, val_data, device, steps, warmup, amp=False, device_name="auto"):

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from models import MODEL_NAMES, FerNet
 from train import load_checkpoint
-from utils import (EMOTIONS, UserError, atomic_write, check_writable, eval_batch_size, save_json,
-                   select_device)
+from utils import (EMOTIONS, UserError, amp_dtype_for, atomic_write, check_writable,
+                   eval_batch_size, save_json, select_device)
 
 TTA_MODES = ("none", "flip", "tencrop")
 SIDE = 48  # the models' input size
@@ -786,6 +786,9 @@ def get_args_parser():
     p.add_argument("--batch_size", "--batch-size", type=int, default=None,
                    help="faces per batch (default 64 on a CPU, 512 on a GPU)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: bf16 on GPUs and CPUs that compute it natively (about 2x "
+                        "faster on such a CPU), fp16 on older GPUs; accuracy within ~0.1 point")
     p.add_argument("--num_save", "--num-save", type=int, default=16,
                    help="faces of the split saved as images and shown in the grid (default 16)")
     p.add_argument("--tta", choices=TTA_MODES, default="none",
@@ -836,7 +839,18 @@ def main(argv=None):
     out_dir = args.output or default_output_dir(paths)
     check_writable(out_dir)
     models, class_names = load_models(paths, device)
-    print(f"loaded {_describe(paths)}: {', '.join(m.name for m in models)} on {device.type}")
+    amp_dtype = amp_dtype_for(device) if args.amp else None
+    print(f"loaded {_describe(paths)}: {', '.join(m.name for m in models)} on {device.type}"
+          + (f", {str(amp_dtype).split('.')[-1]} autocast" if amp_dtype else ""))
+    if args.amp and amp_dtype is None:
+        print(f"note: --amp needs CUDA or a CPU with bf16 support; computing in fp32 on {device.type}")
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        classify(args, paths, models, class_names, out_dir, device)
+    return 0
+
+
+def classify(args, paths, models, class_names, out_dir, device):
+    """The split report and/or the photos the command line asks for."""
     if args.images is None or args.dataset is not None:
         import dataset
         data = dataset.load_fer2013(args.dataset or DEFAULT_CSV, args.skip_bad_rows)
@@ -846,7 +860,6 @@ def main(argv=None):
     if args.images is not None:
         classify_photos(args.images, models, class_names, out_dir, args.detect, args.tta,
                         args.batch_size, device)
-    return 0
 
 
 if __name__ == "__main__":

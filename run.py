@@ -159,17 +159,6 @@ def make_optimizer(model, args):
     return torch.optim.Adadelta(params, lr=args.lr)
 
 
-def amp_dtype_for(device):
-    """Mixed precision: bf16 where the device computes it natively (Ampere+ GPUs, AVX512-BF16 or
-    AMX CPUs: about 2x faster convolutions here), else fp16 on CUDA (with loss scaling), else None."""
-    import torch
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
 def setup_distributed(device_name):
     """(rank, world size, device); torchrun's environment turns on DistributedDataParallel."""
     import torch
@@ -236,7 +225,7 @@ def main(argv):
     import infer
     import train
     from models import build_model
-    from utils import check_writable, eval_batch_size, save_json, save_torch, seed_everything
+    from utils import amp_dtype_for, check_writable, eval_batch_size, save_json, save_torch, seed_everything
 
     parser = get_args_parser()
     args, resume, init = resolve_run(parser, argv)

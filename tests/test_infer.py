@@ -257,6 +257,23 @@ def test_cli_on_a_dataset_csv(ckpts, tmp_path, monkeypatch, capsys):
     assert len(os.listdir(out / "faces")) == 4
 
 
+def test_cli_amp_computes_in_bf16_close_to_fp32(ckpts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    csv = synthetic.write_synthetic_csv(tmp_path / "faces.csv", 14, 7, 64, seed=6)
+    losses = {}
+    for flags in ([], ["--amp"]):
+        out = tmp_path / ("amp" if flags else "fp32")
+        code, stdout, err = run_cli(["-c", ckpts["a"], "-d", csv, "-o", str(out), "--num_save", "0",
+                                     "--device", "cpu", *flags], capsys)
+        assert code == 0, err
+        losses[bool(flags)] = json.loads((out / "metrics.json").read_text())["loss"]
+    if utils.amp_dtype_for(torch.device("cpu")) is None:
+        assert "computing in fp32" in stdout and losses[True] == losses[False]
+    else:
+        assert "bfloat16 autocast" in stdout
+        assert losses[True] != losses[False] and abs(losses[True] - losses[False]) < 0.02
+
+
 def test_default_output_folder_names_the_checkpoint():
     assert infer.default_output_dir(["checkpoint/run1/vgg2_0_2_best.pth"]) == os.path.join(
         "outputs", "infer", "run1", "vgg2_0_2_best")

@@ -11,7 +11,7 @@ import dataset
 import run
 import synthetic
 import train
-from utils import atomic_write, eval_batch_size, run_cli
+from utils import amp_dtype_for, atomic_write, eval_batch_size, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +250,7 @@ def test_two_process_gloo_run_trains_once_and_agrees(faces_csv, tmp_path):
 
 
 def test_amp_on_a_cpu_trains_in_bf16_when_the_cpu_has_it(tiny_csv, tmp_path, capsys):
-    import run as run_module
-    dtype = run_module.amp_dtype_for(torch.device("cpu"))
+    dtype = amp_dtype_for(torch.device("cpu"))
     assert run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "2", "--amp",
                              "--optimizer", "adamw", "--erase_p", "0")) == 0
     out = capsys.readouterr().out
