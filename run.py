@@ -258,8 +258,6 @@ def main(argv):
         log(f"{data.source}: {len(train_y)} training, {len(val_y)} validation faces")
         counts = dataset.class_counts(data)
         log(dataset.class_table(counts))
-        chart = in_background(dataset.plot_class_distribution, counts,
-                              os.path.join(out_dir, "class_distribution.png"))
 
     seed_everything(args.seed + rank)
     model, used_imagenet = (build_model(args.model, "no") if resume is not None
@@ -352,6 +350,9 @@ def main(argv):
         log(f"{args.model} on {device.type}" + (f" x{world} processes" if world > 1 else "") +
             f": {steps_per_epoch} steps per epoch, ImageNet prefix: {'yes' if used_imagenet else 'no'};"
             f" checkpoints in {ckpt_dir}, outputs in {out_dir}")
+    if rank == 0:  # started last: matplotlib's import would compete with torch.optim's for the GIL
+        chart = in_background(dataset.plot_class_distribution, counts,
+                              os.path.join(out_dir, "class_distribution.png"))
     ended = train.fit(model, optimizer, loss_fn, batches, val_data, cfg, state, save, device,
                       scaler, rank, world, log, eval_model=model_to_save)
     if rank == 0:
