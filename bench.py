@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils import eval_batch_size
+from utils import amp_dtype_for, eval_batch_size
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The usual pipeline's settings (the reference; see UsualFerDataset and measure_usual_*).
@@ -212,10 +212,9 @@ def run_defaults(model_name, device_name):
     return args
 
 
-def amp_dtype_for(device, amp):
+def autocast_dtype(device, amp):
     """run.py's choice of autocast dtype with --amp; None (fp32) without it."""
-    from utils import amp_dtype_for as dtype_for
-    return dtype_for(device) if amp else None
+    return amp_dtype_for(device) if amp else None
 
 
 def measure_ours_train(name, train_data, val_data, device, steps, warmup, amp=False, device_name="auto"):
@@ -230,7 +229,7 @@ def measure_ours_train(name, train_data, val_data, device, steps, warmup, amp=Fa
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = run.make_optimizer(model, args)
-    amp_dtype = amp_dtype_for(device, amp)
+    amp_dtype = autocast_dtype(device, amp)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     batches = TimedBatches(train.Batches(*train_data, args.batch_size, args.seed), warmup, steps, device)
@@ -258,7 +257,7 @@ def measure_ours_eval(model, faces, device, amp=False):
     (uint8 N x 48 x 48, already on the GPU when training there), after one untimed warm-up batch."""
     import infer
     batch = eval_batch_size(None, device)
-    amp_dtype = amp_dtype_for(device, amp)
+    amp_dtype = autocast_dtype(device, amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     with autocast:
         infer.predict(model, faces[:batch], device=device)
@@ -630,7 +629,7 @@ def _bench(args, usual_steps):
     say("matmul ceiling ...")
     report["ceiling_fp32"] = matmul_ceiling(device, "float32", args.matmul_size)
     report["ceiling"] = report["ceiling_fp32"]
-    amp_dtype = amp_dtype_for(device, args.amp)
+    amp_dtype = autocast_dtype(device, args.amp)
     if amp_dtype is not None:
         report["ceiling"] = matmul_ceiling(device, str(amp_dtype).replace("torch.", ""), args.matmul_size)
     elif args.amp:

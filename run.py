@@ -225,7 +225,7 @@ def main(argv):
     import infer
     import train
     from models import build_model
-    from utils import amp_dtype_for, check_writable, eval_batch_size, save_json, save_torch, seed_everything
+    from utils import amp_dtype_for, check_writable, save_json, save_torch, seed_everything
 
     parser = get_args_parser()
     args, resume, init = resolve_run(parser, argv)
@@ -316,9 +316,9 @@ def main(argv):
     batches = train.Batches(train_images, train_labels, args.batch_size, args.seed, rank=rank, world=world)
     steps_per_epoch = len(batches)
 
-    # The eval batch stays unresolved in args: a run resumed on another device gets that one's default.
-    eval_batch = eval_batch_size(args.eval_batch_size, device)
-    cfg = argparse.Namespace(**dict(vars(args), eval_batch_size=eval_batch), amp_dtype=amp_dtype)
+    # An unset --eval_batch_size stays None (also in the checkpoint): train.evaluate and
+    # infer.report pick the default of whatever device the run, or its resumption, is on.
+    cfg = argparse.Namespace(**vars(args), amp_dtype=amp_dtype)
     paths = {kind: os.path.join(ckpt_dir, f"{args.model}_{kind}.pth") for kind in ("best", "last")}
 
     def save(kind):
@@ -379,7 +379,7 @@ def main(argv):
         test_x, test_y = data.split("test")
         log(f"testing the best checkpoint on PrivateTest: reports in {os.path.join(out_dir, 'test')}")
         metrics = infer.report([paths["best"]], test_x, test_y, os.path.join(out_dir, "test"),
-                               num_save=args.num_save, batch_size=eval_batch,
+                               num_save=args.num_save, batch_size=args.eval_batch_size,
                                device=device, split_name="test (PrivateTest)", log=log)
         save_json(metrics, os.path.join(out_dir, "test_metrics.json"))
     return 0
