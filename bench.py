@@ -15,11 +15,12 @@ What it measures, in one run:
     - OUR pipeline, exactly what run.py runs: the cached uint8 arrays, train.Batches slices,
       train.augment on whole batches, channels-last, batch 128, run.py's default optimiser
       (SGD Nesterov) and label smoothing, driven by train.fit itself; evaluation by
-      infer.predict in batches of 512;
+      infer.predict at its default batch size; on a CPU, memory reuse (utils.reuse_freed_memory);
     - the USUAL pipeline (written here as the reference): a Dataset holding the pandas rows of a
       split that parses the pixel string and makes a PIL image per item, torchvision transforms per
       item, DataLoader(batch_size=16, shuffle=True, num_workers=4), Adadelta(lr=0.1), plain
-      cross-entropy, NCHW; evaluation with batch size 1.
+      cross-entropy, NCHW; evaluation with batch size 1. It runs first, for every model, with the
+      C library's default memory handling, before ours turns memory reuse on for the process.
 Training img/s = images of the timed steps / their wall time (data slicing, augmentation and the
 optimiser step included; warm-up steps excluded). Achieved GFLOP/s = img/s x forward GFLOP per
 image (models.gflops_per_image) x 3 for training (forward + backward), x 1 for evaluation.
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils import amp_dtype_for, eval_batch_size
+from utils import amp_dtype_for, eval_batch_size, reuse_freed_memory, save_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The usual pipeline's settings (the reference; see UsualFerDataset and measure_usual_*).
@@ -605,10 +606,17 @@ def main(argv):
         torch.set_num_threads(threads)
 
 
+def checkpoint_report(report, started, path):
+    """Save what was measured so far: an interrupted run keeps it."""
+    gc.collect()
+    report["seconds"] = time.perf_counter() - started
+    save_json(report, path)
+
+
 def _bench(args, usual_steps):
     import dataset
     from models import FerNet, gflops_per_image
-    from utils import save_json, select_device
+    from utils import select_device
 
     device = select_device(args.device)
     started = time.perf_counter()
@@ -665,15 +673,12 @@ def _bench(args, usual_steps):
 
     for name in args.models:
         g = gflops_per_image(FerNet(name))
-        result = report["models"][name] = {"gflop_per_image": g}
-        say(f"{name} ({g:.3f} GFLOP per image forward)")
-        model, result["ours"] = measure_ours_train(name, train_data, fit_val, device, args.steps,
-                                                   args.warmup, args.amp, args.device)
-        say(f"  ours  train {result['ours']['train_img_s']:8.1f} img/s")
-        result["ours"].update(measure_ours_eval(model, eval_faces, device, args.amp))
-        say(f"  ours  eval  {result['ours']['eval_img_s']:8.1f} img/s")
-        del model
-        if usual_sets is not None:
+        report["models"][name] = {"gflop_per_image": g}
+    # The usual pipeline runs first, with the C library's default memory handling; ours then turns
+    # on memory reuse as run.py does, a process-wide setting that cannot be taken back.
+    if usual_sets is not None:
+        for name, result in report["models"].items():
+            say(f"{name} ({result['gflop_per_image']:.3f} GFLOP per image forward)")
             model, result["usual"] = measure_usual_train(name, usual_sets["train"], device,
                                                          usual_steps, 4 * args.warmup)
             say(f"  usual train {result['usual']['train_img_s']:8.1f} img/s")
@@ -681,10 +686,19 @@ def _bench(args, usual_steps):
                                                       4 * args.warmup))
             say(f"  usual eval  {result['usual']['eval_img_s']:8.1f} img/s")
             del model
+            checkpoint_report(report, started, args.out)
+    if device.type == "cpu":
+        report["our_pipeline"]["reuse_freed_memory"] = reuse_freed_memory()
+    for name, result in report["models"].items():
+        say(f"{name} ({result['gflop_per_image']:.3f} GFLOP per image forward)")
+        model, result["ours"] = measure_ours_train(name, train_data, fit_val, device, args.steps,
+                                                   args.warmup, args.amp, args.device)
+        say(f"  ours  train {result['ours']['train_img_s']:8.1f} img/s")
+        result["ours"].update(measure_ours_eval(model, eval_faces, device, args.amp))
+        say(f"  ours  eval  {result['ours']['eval_img_s']:8.1f} img/s")
+        del model
         derive(result, ceiling)
-        gc.collect()
-        report["seconds"] = time.perf_counter() - started
-        save_json(report, args.out)  # after every model: an interrupted run keeps what it measured
+        checkpoint_report(report, started, args.out)
 
     report["goals"] = goals(report)
     report["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

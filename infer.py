@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from models import MODEL_NAMES, FerNet
 from train import load_checkpoint
 from utils import (EMOTIONS, UserError, amp_dtype_for, atomic_write, check_writable,
-                   eval_batch_size, save_json, select_device)
+                   eval_batch_size, reuse_freed_memory, save_json, select_device)
 
 TTA_MODES = ("none", "flip", "tencrop")
 SIDE = 48  # the models' input size
@@ -829,6 +829,8 @@ def main(argv=None):
     if args.num_save < 0:
         parser.error("--num_save must be >= 0")
     device = select_device(args.device)
+    if device.type == "cpu":
+        reuse_freed_memory()  # each batch's large activations reuse memory instead of faulting it in
     paths = [resolve_checkpoint(p) for p in args.checkpoint]
     if args.export:
         if len(paths) != 1:

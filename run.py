@@ -16,7 +16,7 @@ import time
 
 from utils import UserError, run_cli
 
-# Learning rates that work with the default batch sizes (128; 64 for vgg2_4_ilrb_2), per optimiser.
+# Learning rates that work with the default batch size (128), per optimiser.
 DEFAULT_LR = {"sgd": 0.02, "adamw": 1e-3, "adadelta": 0.1}
 # Flags that may differ when a run is resumed on another machine without changing the result.
 RESUME_OVERRIDES = ("device", "num_workers", "num_save", "eval_batch_size", "debug", "epoch_num",
@@ -32,8 +32,7 @@ def get_args_parser():
                    help="FER2013 CSV (.csv/.gz/.xz/.zip), or 'synthetic' for the built-in faces")
     p.add_argument("-m", "--model", choices=MODEL_NAMES, default=None,
                    help="model to train (default vgg2_4_2_conv3; taken from the file on resume)")
-    p.add_argument("--batch_size", type=int, default=None,
-                   help="training batch size per process (default 128; 64 for vgg2_4_ilrb_2)")
+    p.add_argument("--batch_size", type=int, default=128, help="training batch size per process")
     p.add_argument("--eval_batch_size", type=int, default=None,
                    help="batch size for validation and the final test (default 64 on a CPU, "
                         "512 on a GPU)")
@@ -118,7 +117,6 @@ def explicit_flags(parser, argv):
 
 def resolve_run(parser, argv):
     """Parse the command line into (args, checkpoint to resume or None, checkpoint to start from)."""
-    from models import BATCH_SIZE, DEFAULT_BATCH_SIZE
     from train import load_checkpoint
     args = parser.parse_args(argv)
     resume = init = None
@@ -140,8 +138,6 @@ def resolve_run(parser, argv):
             args.init_from = args.checkpoint
             args.checkpoint = parser.get_default("checkpoint")
     args.model = args.model or "vgg2_4_2_conv3"
-    if args.batch_size is None:
-        args.batch_size = BATCH_SIZE.get(args.model, DEFAULT_BATCH_SIZE)
     args.lr = args.lr or DEFAULT_LR[args.optimizer]
     check_args(args)
     return args, resume, init
@@ -225,11 +221,13 @@ def main(argv):
     import infer
     import train
     from models import build_model
-    from utils import amp_dtype_for, check_writable, save_json, save_torch, seed_everything
+    from utils import amp_dtype_for, check_writable, reuse_freed_memory, save_json, save_torch, seed_everything
 
     parser = get_args_parser()
     args, resume, init = resolve_run(parser, argv)
     rank, world, device = setup_distributed(args.device)
+    if device.type == "cpu":
+        reuse_freed_memory()  # each step's large activations reuse memory instead of faulting it in
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.num_workers:
         torch.set_num_threads(args.num_workers)

@@ -102,3 +102,28 @@ def test_models_script_prints_the_table():
     table = models.summary_table()
     for name, params in EXPECTED_PARAMS.items():
         assert f"| {name} | {params:,} |" in table
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_fast_prelu_matches_torch_in_value_and_gradients(amp):
+    """models.PReLU swaps torch's slow CPU backward for leaky ReLU's: same numbers, same state."""
+    torch.manual_seed(0)
+    # under autocast the PReLUs see the bf16 output of a convolution, BN or linear layer
+    x = torch.randn(8, 16, 6, 6, dtype=torch.bfloat16 if amp else torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, :3] = 0  # the kink: both give the slope's gradient there
+    grad = torch.randn(x.shape)
+    results = []
+    for module in (models.PReLU(), torch.nn.PReLU()):
+        module.weight.data.fill_(0.3)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            y = module(xi)
+        y.backward(grad.to(y.dtype))
+        assert xi.grad.dtype == x.dtype
+        results.append((y.detach(), xi.grad, module.weight.grad))
+    (y, gx, gw), (y_ref, gx_ref, gw_ref) = results
+    assert y.dtype == y_ref.dtype == (torch.bfloat16 if amp else torch.float32)
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    assert gw.dtype == gw_ref.dtype and torch.allclose(gw, gw_ref, rtol=1e-2 if amp else 1e-5)
+    assert list(models.PReLU().state_dict()) == list(torch.nn.PReLU().state_dict())

@@ -162,11 +162,10 @@ def test_impossible_values_fail_before_any_work(flags, message, tmp_path, capsys
 
 
 @pytest.mark.parametrize("flags, batch", [
-    (["-m", "vgg2_4_2_conv3"], 128),
-    (["-m", "vgg2_4_ilrb_2"], 64),  # memory-bound: smaller batches train faster per image
+    (["-m", "vgg2_4_ilrb_2"], 128),
     (["-m", "vgg2_4_ilrb_2", "--batch_size", "32"], 32),
 ])
-def test_training_batch_size_defaults_per_model(flags, batch):
+def test_training_batch_size_default_and_flag(flags, batch):
     args, _, _ = run.resolve_run(run.get_args_parser(), flags)
     assert args.batch_size == batch and args.eval_batch_size is None
 

@@ -1,0 +1,41 @@
+"""Process-level helpers: memory reuse for large tensors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Allocates and frees a 64 MB tensor again and again, as a training step does with its
+# activations, and prints the page faults of each round.
+FAULTS_PER_ROUND = """
+import json, resource, sys, torch, utils
+took = utils.reuse_freed_memory() if sys.argv[1] == "reuse" else None
+faults = []
+for _ in range(30):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.empty(16 * 2**20)
+    t.fill_(1.0)
+    del t
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"took": took, "faults": faults}))
+"""
+
+
+def faults_per_round(mode):
+    out = subprocess.run([sys.executable, "-c", FAULTS_PER_ROUND, mode], cwd=ROOT, check=True,
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_reuse_freed_memory_stops_large_tensors_faulting_in_again():
+    plain, reuse = faults_per_round("plain"), faults_per_round("reuse")
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    # By default every round maps fresh memory and touches every page of it again ...
+    assert min(plain["faults"][-5:]) > pages // 2
+    # ... with reuse, once the heap has grown to fit, the rounds reuse memory already touched.
+    assert reuse["took"] is True
+    assert max(reuse["faults"][-5:]) < pages // 20
