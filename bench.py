@@ -10,7 +10,8 @@ What it measures, in one run:
   * the machine's ceiling: the best fp32 (with --amp also bf16) torch.mm GFLOP/s;
   * loading the data: ours (dataset.load_fer2013 from its uint8 cache, and cold, parsing the CSV)
     against the usual pandas read of the CSV once per split;
-  * startup: seconds from launching `python run.py ...` until it logs "first training step done";
+  * startup: seconds from launching `python run.py ...` until it logs "first training step done",
+    and until its training loop started (median of 3 launches);
   * per model: training img/s, evaluation img/s, achieved GFLOP/s and % of the ceiling, for
     - OUR pipeline, exactly what run.py runs: the cached uint8 arrays, train.Batches slices,
       train.augment on whole batches, channels-last, batch 128, run.py's default optimiser
@@ -35,6 +36,8 @@ import gc
 import math
 import os
 import platform
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -419,11 +422,41 @@ def measure_data_load(path, skip_usual):
     return timings, data, usual
 
 
-def measure_startup(csv_path, device_name="auto", threads=None, timeout=300):
-    """Seconds from launching `python run.py -m vgg2_0_2 ...` until it prints "first training
-    step done" (the data should be cached already); the process is then killed.
+def launch_until_first_step(cmd, timeout):
+    """Launch run.py and kill it once it prints "first training step done N s after the loop
+    started". Returns (seconds from the launch, N, None), or (None, None, why it never did)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    lines = []
+    with tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        watchdog = threading.Timer(timeout, proc.kill)
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                found = re.search(STARTUP_MARKER + r" ([\d.]+) s", line)
+                if found:
+                    return time.perf_counter() - start, float(found.group(1)), None
+                lines.append(line.rstrip())
+        finally:
+            watchdog.cancel()
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+        err.seek(0)
+        tail = (lines + err.read().strip().splitlines())[-5:]
+    return None, None, (f"run.py never printed {STARTUP_MARKER!r} (exit code {proc.returncode}"
+                        f"{', killed after %d s' % timeout if proc.returncode == -9 else ''}): "
+                        + " | ".join(tail))
 
-    Returns {"seconds": float or None, "command": [...], "error": None or why}."""
+
+def measure_startup(csv_path, device_name="auto", threads=None, timeout=300, runs=3):
+    """Launch `python run.py -m vgg2_0_2 ...` `runs` times (the data should be cached already):
+    the median seconds until it has done its first training step, and until its training loop
+    started (everything before the step: imports, data, model).
+
+    Returns {"seconds", "loop_start_seconds": medians or None, "runs": [[total, loop start]...],
+    "command": [...], "error": None or why}."""
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         cmd = [sys.executable, os.path.join(ROOT, "run.py"), "-m", STARTUP_MODEL, "-d", csv_path,
                "--epoch_num", "1", "--pretrained", "no", "--num_save", "0", "--run_name", "startup",
@@ -431,31 +464,16 @@ def measure_startup(csv_path, device_name="auto", threads=None, timeout=300):
                "--device", device_name]
         if threads:
             cmd += ["--num_workers", str(threads)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        seconds, error, lines = None, None, []
-        with open(os.path.join(tmp, "stderr.txt"), "w+") as err:
-            start = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-            watchdog = threading.Timer(timeout, proc.kill)
-            watchdog.start()
-            try:
-                for line in proc.stdout:
-                    if STARTUP_MARKER in line:
-                        seconds = time.perf_counter() - start
-                        break
-                    lines.append(line.rstrip())
-            finally:
-                watchdog.cancel()
-                proc.kill()
-                proc.wait()
-                proc.stdout.close()
-            if seconds is None:
-                err.seek(0)
-                tail = (lines + err.read().strip().splitlines())[-5:]
-                error = (f"run.py never printed {STARTUP_MARKER!r} (exit code {proc.returncode}"
-                         f"{', killed after %d s' % timeout if proc.returncode == -9 else ''}): "
-                         + " | ".join(tail))
-    return {"seconds": seconds, "command": cmd, "error": error}
+        done = []
+        for _ in range(runs):
+            seconds, step_seconds, error = launch_until_first_step(cmd, timeout)
+            if error:
+                return {"seconds": None, "loop_start_seconds": None, "runs": done, "command": cmd,
+                        "error": error}
+            done.append([seconds, seconds - step_seconds])
+    return {"seconds": statistics.median(t for t, _ in done),
+            "loop_start_seconds": statistics.median(s for _, s in done),
+            "runs": done, "command": cmd, "error": None}
 
 
 # ----------------------------------------------------------------------------- report
@@ -545,7 +563,8 @@ def summary_lines(report):
     s = report.get("startup")
     if s:
         lines.append(f"startup: {_fmt(s['seconds'], 2)} s from `python run.py -m {STARTUP_MODEL}` to the "
-                     "first training step" + (f" ({s['error']})" if s["error"] else ""))
+                     f"end of the first training step, {_fmt(s['loop_start_seconds'], 2)} s to the "
+                     "start of the training loop (medians)" + (f" ({s['error']})" if s["error"] else ""))
     for name, r in report["models"].items():
         util = (r.get("ours") or {}).get("gpu_utilization_pct", "absent")
         if util != "absent":
@@ -654,7 +673,8 @@ def _bench(args, usual_steps):
     if not args.skip_startup:
         say(f"startup: launching run.py -m {STARTUP_MODEL} until its first training step ...")
         report["startup"] = measure_startup(path, args.device, args.threads)
-        say(f"  {_fmt(report['startup']['seconds'], 2)} s" +
+        say(f"  {_fmt(report['startup']['seconds'], 2)} s (loop started after "
+            f"{_fmt(report['startup']['loop_start_seconds'], 2)} s)" +
             (f" ({report['startup']['error']})" if report["startup"]["error"] else ""))
 
     # Our data as run.py holds it: uint8 tensors, moved to the GPU once when training there.

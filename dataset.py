@@ -231,8 +231,8 @@ def class_table(counts):
 
 
 def plot_class_distribution(counts, path):
-    """Grouped bar chart of faces per class and split, saved as PNG. Uses matplotlib's object
-    API, not pyplot, so that it is safe in a background thread (run.py draws it there)."""
+    """Grouped bar chart of faces per class and split, saved as PNG (matplotlib's object API:
+    no pyplot state, no GUI backend, nothing to close)."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(8, 4))
     ax = fig.subplots()

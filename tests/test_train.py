@@ -2,6 +2,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ import run
 import synthetic
 import train
 from utils import amp_dtype_for, atomic_write, eval_batch_size, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +263,57 @@ def test_amp_on_a_cpu_trains_in_bf16_when_the_cpu_has_it(tiny_csv, tmp_path, cap
         assert "training in fp32" in out
     else:
         assert dtype == torch.bfloat16 and "training in fp32" not in out
+
+
+def sgd_pair(seed=0):
+    """Two identical small models, with (weights, decay) and (the rest, no decay) groups."""
+    torch.manual_seed(seed)
+    first = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.PReLU(), torch.nn.Linear(5, 3))
+    second = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.PReLU(), torch.nn.Linear(5, 3))
+    second.load_state_dict(first.state_dict())
+
+    def groups(model):
+        return [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 5e-3},
+                {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    return first, second, groups
+
+
+def sgd_steps(model, optimizer, steps, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, 6, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        optimizer.step()
+
+
+def test_nesterov_sgd_is_torch_sgd_step_for_step_and_in_its_checkpoints():
+    ours_model, torch_model, groups = sgd_pair()
+    ours = train.NesterovSGD(groups(ours_model), lr=0.1, momentum=0.9)
+    reference = torch.optim.SGD(groups(torch_model), lr=0.1, momentum=0.9, nesterov=True)
+    sgd_steps(ours_model, ours, 5, seed=1)
+    sgd_steps(torch_model, reference, 5, seed=1)
+    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+        assert torch.equal(a, b)
+    # Checkpoints cross over both ways (old runs saved torch's), and the runs stay identical.
+    saved_ours, saved_torch = ours.state_dict(), reference.state_dict()
+    assert saved_ours["state"].keys() == saved_torch["state"].keys()
+    ours.load_state_dict(saved_torch)
+    reference.load_state_dict(saved_ours)
+    sgd_steps(ours_model, ours, 3, seed=2)
+    sgd_steps(torch_model, reference, 3, seed=2)
+    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="does not match"):
+        train.NesterovSGD(groups(ours_model)[:1], lr=0.1).load_state_dict(saved_torch)
+
+
+def test_a_default_run_never_imports_torch_dynamo(tiny_csv, tmp_path):
+    """torch.optim imports torch._dynamo on first use (1.1 s on the dev CPU): the default run
+    (SGD) must not, or it cannot reach its first step within 2 s."""
+    script = ("import sys, run; code = run.main(sys.argv[1:]); "
+              "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo', code)")
+    result = subprocess.run([sys.executable, "-c", script, *run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2",
+                                                                     "--epoch_num", "1")],
+                            cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.stdout.strip().splitlines()[-1] == "no dynamo 0", result.stdout[-500:] + result.stderr[-500:]
