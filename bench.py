@@ -10,8 +10,9 @@ What it measures, in one run:
   * the machine's ceiling: the best fp32 (with --amp also bf16) torch.mm GFLOP/s;
   * loading the data: ours (dataset.load_fer2013 from its uint8 cache, and cold, parsing the CSV)
     against the usual pandas read of the CSV once per split;
-  * startup: seconds from launching `python run.py ...` until it logs "first training step done",
-    and until its training loop started (median of 3 launches);
+  * startup: seconds from launching `python run.py ...` (with --amp when the benchmark has it)
+    until it logs "first training step done", and until its training loop started (median of 3
+    launches);
   * per model: training img/s, evaluation img/s, achieved GFLOP/s and % of the ceiling, for
     - OUR pipeline, exactly what run.py runs: the cached uint8 arrays, train.Batches slices,
       train.augment on whole batches, channels-last, batch 128, run.py's default optimiser
@@ -450,8 +451,9 @@ def launch_until_first_step(cmd, timeout):
                         + " | ".join(tail))
 
 
-def measure_startup(csv_path, device_name="auto", threads=None, timeout=300, runs=3):
-    """Launch `python run.py -m vgg2_0_2 ...` `runs` times (the data should be cached already):
+def measure_startup(csv_path, device_name="auto", threads=None, timeout=300, runs=3, amp=False):
+    """Launch `python run.py -m vgg2_0_2 ...` (with --amp if asked, as our pipeline is measured)
+    `runs` times (the data should be cached already):
     the median seconds until it has done its first training step, and until its training loop
     started (everything before the step: imports, data, model).
 
@@ -464,6 +466,8 @@ def measure_startup(csv_path, device_name="auto", threads=None, timeout=300, run
                "--device", device_name]
         if threads:
             cmd += ["--num_workers", str(threads)]
+        if amp:
+            cmd.append("--amp")
         done = []
         for _ in range(runs):
             seconds, step_seconds, error = launch_until_first_step(cmd, timeout)
@@ -562,7 +566,8 @@ def summary_lines(report):
     lines.append(data_line(report["data_load"]))
     s = report.get("startup")
     if s:
-        lines.append(f"startup: {_fmt(s['seconds'], 2)} s from `python run.py -m {STARTUP_MODEL}` to the "
+        flags = " --amp" if "--amp" in s["command"] else ""
+        lines.append(f"startup: {_fmt(s['seconds'], 2)} s from `python run.py -m {STARTUP_MODEL}{flags}` to the "
                      f"end of the first training step, {_fmt(s['loop_start_seconds'], 2)} s to the "
                      "start of the training loop (medians)" + (f" ({s['error']})" if s["error"] else ""))
     for name, r in report["models"].items():
@@ -672,7 +677,7 @@ def _bench(args, usual_steps):
 
     if not args.skip_startup:
         say(f"startup: launching run.py -m {STARTUP_MODEL} until its first training step ...")
-        report["startup"] = measure_startup(path, args.device, args.threads)
+        report["startup"] = measure_startup(path, args.device, args.threads, amp=args.amp)
         say(f"  {_fmt(report['startup']['seconds'], 2)} s (loop started after "
             f"{_fmt(report['startup']['loop_start_seconds'], 2)} s)" +
             (f" ({report['startup']['error']})" if report["startup"]["error"] else ""))
