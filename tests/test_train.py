@@ -317,3 +317,19 @@ def test_a_default_run_never_imports_torch_dynamo(tiny_csv, tmp_path):
                                                                      "--epoch_num", "1")],
                             cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert result.stdout.strip().splitlines()[-1] == "no dynamo 0", result.stdout[-500:] + result.stderr[-500:]
+
+
+def test_nesterov_sgd_works_under_a_grad_scaler():
+    """fp16 training on older GPUs steps the optimiser through torch.amp.GradScaler."""
+    ours_model, torch_model, groups = sgd_pair()
+    ours = train.NesterovSGD(groups(ours_model), lr=0.1)
+    reference = torch.optim.SGD(groups(torch_model), lr=0.1, momentum=0.9, nesterov=True)
+    for model, optimizer in ((ours_model, ours), (torch_model, reference)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(model(torch.ones(4, 6)).square().mean()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+        assert torch.allclose(a, b)
