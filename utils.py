@@ -91,10 +91,9 @@ def select_device(name="auto"):
 
 
 def eval_batch_size(batch_size, device):
-    """`batch_size` when given, else the default for this device: 64 on a CPU, where the
-    activations of vgg2_4_ilrb_2 then stay in cache (1.25x faster than at 512 on the 2-core dev
-    machine, the others within 20% either way, README "Speed"); 512 on a GPU, which needs large
-    batches to stay busy."""
+    """`batch_size` when given, else the default for this device: 64 on a CPU (on the 2-core dev
+    machine vgg2_4_ilrb_2 evaluates 1.25x faster at 64 than at 512, the other models within 20%
+    either way, README "Speed"); 512 on a GPU, which needs large batches to stay busy."""
     if batch_size is not None:
         return batch_size
     kind = getattr(device, "type", str(device).split(":")[0])
@@ -118,7 +117,7 @@ def reuse_freed_memory():
     By default glibc hands blocks over 32 MB to fresh mmap()s and unmaps them on free, so every
     large activation of every training step page-faults its memory in again: on the dev CPU a
     PReLU over a 64x1024x24x24 bf16 tensor took 34 ms that way against 4.4 ms from reused memory,
-    and whole training steps ran 8-26% faster with reuse. The price is that the process does not
+    and whole training steps ran 8-30% faster with reuse. The price is that the process does not
     return its peak memory to the system until it exits. Returns whether the setting took effect
     (False off glibc, e.g. macOS, Windows, musl)."""
     import ctypes
