@@ -714,8 +714,7 @@ def _bench(args, usual_steps):
             say(f"  usual eval  {result['usual']['eval_img_s']:8.1f} img/s")
             del model
             checkpoint_report(report, started, args.out)
-    if device.type == "cpu":
-        report["our_pipeline"]["reuse_freed_memory"] = reuse_freed_memory()
+    report["our_pipeline"]["reuse_freed_memory"] = reuse_freed_memory(device)
     for name, result in report["models"].items():
         say(f"{name} ({result['gflop_per_image']:.3f} GFLOP per image forward)")
         model, result["ours"] = measure_ours_train(name, train_data, fit_val, device, args.steps,

@@ -829,8 +829,7 @@ def main(argv=None):
     if args.num_save < 0:
         parser.error("--num_save must be >= 0")
     device = select_device(args.device)
-    if device.type == "cpu":
-        reuse_freed_memory()  # each batch's large activations reuse memory instead of faulting it in
+    reuse_freed_memory(device)  # each batch's large activations reuse memory, not fault it in again
     paths = [resolve_checkpoint(p) for p in args.checkpoint]
     if args.export:
         if len(paths) != 1:

@@ -220,8 +220,7 @@ def main(argv):
     parser = get_args_parser()
     args, resume, init = resolve_run(parser, argv)
     rank, world, device = setup_distributed(args.device)
-    if device.type == "cpu":
-        reuse_freed_memory()  # each step's large activations reuse memory instead of faulting it in
+    reuse_freed_memory(device)  # each step's large activations reuse memory, not fault it in again
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.num_workers:
         torch.set_num_threads(args.num_workers)

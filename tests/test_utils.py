@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # activations, and prints the page faults of each round.
 FAULTS_PER_ROUND = """
 import json, resource, sys, torch, utils
-took = utils.reuse_freed_memory() if sys.argv[1] == "reuse" else None
+took = utils.reuse_freed_memory(torch.device("cpu")) if sys.argv[1] == "reuse" else None
 faults = []
 for _ in range(30):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
