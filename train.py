@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.sgd import sgd
 
 from utils import UserError, eval_batch_size
 
@@ -77,7 +78,6 @@ class NesterovSGD:
 
     @torch.no_grad()
     def step(self):
-        from torch.optim.sgd import sgd
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params]
