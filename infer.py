@@ -66,7 +66,8 @@ def model_from_checkpoint(ckpt, device="cpu", source=None):
     if name not in MODEL_NAMES:
         raise UserError(f"{where}the checkpoint holds a model named {name!r}, which this version of "
                         f"the tool does not know; known models: {', '.join(MODEL_NAMES)}")
-    state = ckpt.get("model_state")
+    # A run with --ema_decay validated and selected its averaged weights: those are the model.
+    state = ckpt["ema_state"] if ckpt.get("ema_state") is not None else ckpt.get("model_state")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{where}the checkpoint's model_state is not a set of weights")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
@@ -815,8 +816,8 @@ def export_checkpoint(path, destination):
             "run_name", "dataset", "step", "epoch")
     small = {k: ckpt[k] for k in keep if k in ckpt}
     small["kind"] = "export"
-    small["model_state"] = {k: v.half() if v.is_floating_point() else v
-                            for k, v in ckpt["model_state"].items()}
+    weights = ckpt["ema_state"] if ckpt.get("ema_state") is not None else ckpt["model_state"]
+    small["model_state"] = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     atomic_write(destination, lambda f: torch.save(small, f))
     return destination
 

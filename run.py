@@ -50,6 +50,9 @@ def get_args_parser():
     p.add_argument("--wl", action="store_true",
                    help="weight the loss by inverse class frequency of the Training split")
     p.add_argument("--erase_p", type=float, default=0.5, help="probability of random erasing")
+    p.add_argument("--ema_decay", type=float, default=0.999,
+                   help="keep an exponential moving average of the weights (per step, this decay) "
+                        "and validate, select and ship it; 0 turns it off")
     p.add_argument("--epoch_num", type=int, default=50, help="maximum number of epochs")
     p.add_argument("--patience", type=int, default=10,
                    help="stop after this many validations without improvement")
@@ -100,6 +103,7 @@ def check_args(args):
              (args.weight_decay >= 0, "--weight_decay must be 0 or more"),
              (0 <= args.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
              (0 <= args.erase_p <= 1, "--erase_p must be in [0, 1]"),
+             (0 <= args.ema_decay < 1, "--ema_decay must be in [0, 1)"),
              (args.warmup_epochs >= 0, "--warmup_epochs must be 0 or more"),
              (args.plateau_patience > 0, "--plateau_patience must be positive"),
              (0 < args.plateau_factor < 1, "--plateau_factor must be in (0, 1)")]
@@ -124,6 +128,7 @@ def resolve_run(parser, argv):
         if args.model is None:
             resume = ckpt
             saved = dict(ckpt["args"])
+            saved.setdefault("ema_decay", 0.0)  # runs started before --ema_decay existed had none
             typed = explicit_flags(parser, argv)
             ignored = sorted(typed - set(RESUME_OVERRIDES) - {"checkpoint"})
             if ignored:
@@ -214,6 +219,7 @@ def main(argv):
     import dataset
     import infer
     import train
+    from torch.optim.swa_utils import AveragedModel
     from models import build_model
     from utils import amp_dtype_for, check_writable, reuse_freed_memory, save_json, save_torch, seed_everything
 
@@ -295,6 +301,13 @@ def main(argv):
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
+    ema = None
+    if args.ema_decay:
+        ema = AveragedModel(model_to_save, multi_avg_fn=train.ema_update_fn(args.ema_decay),
+                            use_buffers=True)
+        if resume is not None and resume.get("ema_state") is not None:
+            ema.module.load_state_dict(resume["ema_state"])
+            ema.n_averaged.fill_(resume["ema_updates"])
 
     on_device = device.type == "cuda"  # the whole data set fits on any GPU: no copies per batch
     to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))
@@ -323,6 +336,9 @@ def main(argv):
             "format_version": train.CHECKPOINT_FORMAT, "kind": kind, "model_name": args.model,
             "model_state": model_to_save.state_dict(), "optimizer_state": optimizer.state_dict(),
             "scaler_state": scaler.state_dict() if scaler is not None else None,
+            # The averaged weights are the ones validated and shipped (infer.model_from_checkpoint).
+            "ema_state": ema.module.state_dict() if ema is not None else None,
+            "ema_updates": int(ema.n_averaged) if ema is not None else 0,
             "step": state["step"], "epoch": state["step"] / steps_per_epoch,
             "stopper": vars(state["stopper"]), "lr_factor": state["lr_factor"],
             "history": state["history"], "elapsed": state["elapsed"], "rng": rng,
@@ -342,7 +358,7 @@ def main(argv):
             f": {steps_per_epoch} steps per epoch, ImageNet prefix: {'yes' if used_imagenet else 'no'};"
             f" checkpoints in {ckpt_dir}, outputs in {out_dir}")
     ended = train.fit(model, optimizer, loss_fn, batches, val_data, cfg, state, save, device,
-                      scaler, rank, world, log, eval_model=model_to_save)
+                      scaler, rank, world, log, eval_model=model_to_save, ema=ema)
     log(f"{ended}; {state['step']} steps in {state['elapsed']:.0f} s, "
         f"{state['images_per_s']:.0f} training images/s")
     if rank == 0:

@@ -55,7 +55,9 @@ def test_short_run_learns_synthetic_faces_and_writes_everything(faces_csv, tmp_p
 
 
 def final_weights(path):
-    return torch.load(path, weights_only=True)["model_state"]
+    """The trained weights and their moving average, as one dict."""
+    ckpt = torch.load(path, weights_only=True)
+    return {**ckpt["model_state"], **{f"ema.{k}": v for k, v in ckpt["ema_state"].items()}}
 
 
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_csv, tmp_path, monkeypatch):
@@ -99,8 +101,8 @@ def test_fine_tuning_starts_a_new_run_from_the_weights(tiny_csv, tmp_path, monke
     assert run.main(argv) == 0
     tuned = torch.load(tmp_path / "checkpoint" / "t" / "vgg2_0_2_last.pth", weights_only=True)
     assert tuned["step"] == 2 and len(tuned["history"]) == 1  # a new run: its own step count
-    start = final_weights(source)
-    assert torch.allclose(tuned["model_state"]["classifier.4.weight"], start["classifier.4.weight"], atol=1e-5)
+    start = final_weights(source)  # fine-tuning starts from the averaged weights that were selected
+    assert torch.allclose(tuned["model_state"]["classifier.4.weight"], start["ema.classifier.4.weight"], atol=1e-5)
 
 
 def test_early_stopping_stops_after_patience_bad_validations(tiny_csv, tmp_path):
