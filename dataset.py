@@ -11,19 +11,18 @@ The CSV has a header `emotion,pixels,Usage` (the competition's icml_face_data.cs
 import argparse
 import hashlib
 import io
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from utils import EMOTIONS, UserError, atomic_write
+from utils import DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, UserError, atomic_write, save_figure
 
-SPLITS = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
 USAGES = tuple(SPLITS.values())
-SIDE = 48
 PIXELS = SIDE * SIDE
-DEFAULT_CSV = "./data/fer2013.csv"
 SYNTHETIC_CSV = "./data/synthetic.csv"
 CACHE_VERSION = 1
 # Why a row is bad, by code; 0 means good.
@@ -53,6 +52,43 @@ class FerData:
             raise UserError(f"{self.source} has no {SPLITS[name]} rows, so the '{name}' split is "
                             "empty; the tool needs Training, PublicTest and PrivateTest rows.")
         return self.images[mask], self.labels[mask]
+
+
+class Batches:
+    """Serves (uint8 images (B, 1, 48, 48), labels) batches of one split as index slices of a
+    per-epoch permutation, on `device`.
+
+    The whole split lives in one uint8 tensor, on the GPU when training there (it fits on any):
+    no per-sample work, no worker processes. Under DistributedDataParallel each rank takes a
+    disjoint shard of every epoch's permutation, and all ranks get the same number of batches."""
+
+    def __init__(self, images, labels, batch_size, device="cpu", seed=0, shuffle=True, rank=0, world=1):
+        self.device = torch.device(device)
+        where = self.device if self.device.type == "cuda" else "cpu"
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).to(where)
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels)).long().to(where)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.rank, self.world = rank, world
+
+    def __len__(self):
+        return math.ceil(len(self.labels) / (self.batch_size * self.world))
+
+    def epoch_indices(self, epoch):
+        """This rank's indices for an epoch, split into len(self) batches."""
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        else:
+            order = torch.arange(n)
+        shard = order[self.rank::self.world]
+        return torch.tensor_split(shard, len(self))
+
+    def epoch(self, epoch, start=0, stop=None):
+        """Yield (batch index, images, labels) of batches start..stop-1 (to resume mid-epoch)."""
+        for i, idx in enumerate(self.epoch_indices(epoch)[start:stop], start):
+            idx = idx.to(self.labels.device)
+            yield (i, self.images[idx].to(self.device, non_blocking=True),
+                   self.labels[idx].to(self.device, non_blocking=True))
 
 
 def resolve_path(path):
@@ -141,7 +177,7 @@ def decode_csv(path):
     table = _read_table(path)
     images, tokens, bad_pixels = _decode_pixels(table["pixels"].tolist())
     labels = pd.to_numeric(table["emotion"].str.strip(), errors="coerce").to_numpy(np.float64)
-    good_label = np.isin(labels, np.arange(7))
+    good_label = np.isin(labels, np.arange(NUM_CLASSES))
     usage_text = table["Usage"].str.strip()
     usage = np.full(len(table), -1, np.int8)
     for code, name in enumerate(USAGES):
@@ -219,7 +255,7 @@ def load_fer2013(path, skip_bad_rows=False, cache_dir="default", log=print):
 
 def class_counts(data):
     """{split name: counts per class}, for the splits present."""
-    return {name: np.bincount(data.labels[data.usage == code], minlength=7)
+    return {name: np.bincount(data.labels[data.usage == code], minlength=NUM_CLASSES)
             for code, name in enumerate(USAGES) if (data.usage == code).any()}
 
 
@@ -239,14 +275,14 @@ def plot_class_distribution(counts, path):
     ax = fig.subplots()
     width = 0.8 / max(1, len(counts))
     for i, (split, c) in enumerate(counts.items()):
-        ax.bar(np.arange(7) + i * width, c, width, label=split)
-    ax.set_xticks(np.arange(7) + width * (len(counts) - 1) / 2, EMOTIONS)
+        ax.bar(np.arange(NUM_CLASSES) + i * width, c, width, label=split)
+    ax.set_xticks(np.arange(NUM_CLASSES) + width * (len(counts) - 1) / 2, EMOTIONS)
     ax.set_ylabel("faces")
     ax.set_title("Class distribution")
     ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
 
 
 def report_classes(data, out_dir):

@@ -12,9 +12,8 @@ import sys
 import torch
 from torch import nn
 
-from utils import UserError
+from utils import NUM_CLASSES, UserError
 
-NUM_CLASSES = 7
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Without ImageNet weights, centre the grey levels around zero (FER2013's mean grey is ~0.5).

@@ -1,90 +1,123 @@
 """Train one of the five models on FER2013, select on PublicTest, then test on PrivateTest.
 
-    python3 run.py -m vgg2_0_2 -d synthetic --epoch_num 8        # built-in data, ~1 min on a CPU
-    python3 run.py -m vgg2_4_2_conv3 -d data/fer2013.csv         # the real thing
-    python3 run.py --checkpoint checkpoint/RUN/vgg2_4_2_conv3_last.pth   # resume exactly
-    torchrun --nproc_per_node 8 run.py -m vgg2_4_2_conv3               # several GPUs
-
-Each run gets its own folders, checkpoint/RUN/ and outputs/RUN/ (RUN = model and start time).
+This file is the one place that decides when to validate, stop and save (train.py holds the
+steps, checkpoint.py the files): torchvision's classification reference drives its
+train_one_epoch the same way.
 """
 import argparse
 import csv
+import glob
 import os
 import sys
 import time
 
-from utils import UserError, run_cli
+import torch
 
+import checkpoint
+import dataset
+import infer
+import train
+from models import MODEL_NAMES, build_model
+from utils import (DEFAULT_CSV, EMOTIONS, Parser, UserError, amp_dtype_for, check_writable, flag,
+                   eval_batch_size, one_of, reuse_freed_memory, run_cli, save_figure, save_json,
+                   seed_everything, select_device)
+
+DEFAULT_MODEL = "vgg2_4_2_conv3"
 # Learning rates that work with the default batch size (128), per optimiser.
 DEFAULT_LR = {"sgd": 0.02, "adamw": 1e-3, "adadelta": 0.1}
-# Flags that may differ when a run is resumed on another machine without changing the result.
-RESUME_OVERRIDES = ("device", "num_workers", "num_save", "eval_batch_size", "debug", "epoch_num",
-                    "patience")
+# Flags that may differ when a run is resumed without changing what it computes.
+RESUME_OVERRIDES = ("device", "threads", "num_save", "eval_batch_size", "debug", "epoch_num",
+                    "patience", "output")
+
+EXAMPLES = """examples:
+  python3 run.py -m vgg2_4_2_conv3 -d synthetic            # built-in faces, no download
+  python3 run.py -m vgg2_4_2_conv3                         # FER2013 at ./data/fer2013.csv
+  python3 run.py -m vgg2_2_2 -d fer2013.csv.gz --amp --weighted_loss
+  python3 run.py --checkpoint checkpoint/RUN/vgg2_2_2_last.pth     # resume where it stopped
+  python3 run.py -m vgg2_2_2 --init_from pretrained/fer2013_vgg2_2_2.pth   # fine-tune
+  torchrun --nproc_per_node 8 run.py -m vgg2_4_2_conv3              # several GPUs
+
+Each run gets its own folders, checkpoint/RUN/ and outputs/RUN/ (RUN = model and start time)."""
 
 
 def get_args_parser():
-    from models import MODEL_NAMES
-    p = argparse.ArgumentParser(
-        description="Train a VGG11-prefix facial-emotion model on FER2013, then test it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-d", "--dataset", default="./data/fer2013.csv",
-                   help="FER2013 CSV (.csv/.gz/.xz/.zip), or 'synthetic' for the built-in faces")
-    p.add_argument("-m", "--model", choices=MODEL_NAMES, default=None,
-                   help="model to train (default vgg2_4_2_conv3; taken from the file on resume)")
-    p.add_argument("--batch_size", type=int, default=128, help="training batch size per process")
-    p.add_argument("--eval_batch_size", type=int, default=None,
-                   help="batch size for validation and the final test (default 64 on a CPU, "
-                        "512 on a GPU)")
-    p.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default="sgd",
-                   help="sgd = SGD with Nesterov momentum 0.9; adadelta is the classic recipe")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: sgd 0.02, adamw 1e-3, adadelta 0.1)")
-    p.add_argument("--scheduler", choices=("cosine", "plateau", "none"), default="cosine",
-                   help="cosine: warm-up then cosine decay to 0 over epoch_num; plateau: multiply "
-                        "the lr by --plateau_factor after --plateau_patience bad validations")
-    p.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warm-up (cosine only)")
-    p.add_argument("--plateau_patience", type=int, default=3, help="bad validations per lr drop")
-    p.add_argument("--plateau_factor", type=float, default=0.5, help="lr multiplier per drop")
-    p.add_argument("--weight_decay", type=float, default=5e-4, help="L2 weight decay")
-    p.add_argument("--label_smoothing", type=float, default=0.1, help="cross-entropy smoothing")
-    p.add_argument("--wl", action="store_true",
-                   help="weight the loss by inverse class frequency of the Training split")
-    p.add_argument("--erase_p", type=float, default=0.5, help="probability of random erasing")
-    p.add_argument("--ema_decay", type=float, default=0.999,
-                   help="keep an exponential moving average of the weights (per step, this decay) "
-                        "and validate, select and ship it; 0 turns it off")
-    p.add_argument("--epoch_num", type=int, default=50, help="maximum number of epochs")
-    p.add_argument("--patience", type=int, default=10,
-                   help="stop after this many validations without improvement")
-    p.add_argument("--early_stop", choices=("loss", "acc"), default="loss",
-                   help="validation metric for early stopping and the best checkpoint")
-    p.add_argument("--num_iter_to_validate", type=int, default=0,
-                   help="validate every N training steps (0: use --num_epoch_to_validate)")
-    p.add_argument("--num_epoch_to_validate", type=int, default=1, help="validate every N epochs")
-    p.add_argument("--num_workers", type=int, default=0,
-                   help="CPU threads for PyTorch (0: all cores); data needs no worker processes")
-    p.add_argument("--checkpoint", default="./checkpoint/",
-                   help="folder for checkpoints; or a checkpoint file: without -m resume it, "
-                        "with -m start a new run (in ./checkpoint/) from its weights")
-    p.add_argument("--num_save", type=int, default=16, help="test faces saved as images")
-    p.add_argument("-o", "--output", default="./outputs", help="folder for outputs")
-    p.add_argument("--run_name", default=None, help="name of the run folder (default MODEL_TIME)")
-    p.add_argument("--seed", type=int, default=0, help="seed; CPU runs repeat exactly")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="auto: CUDA, then Apple MPS, then CPU")
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision: bf16 autocast on CUDA (fp16 on older GPUs) and on CPUs "
-                        "with bf16 support (about 2x faster training there)")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels-last memory format (about 2.5x faster convolutions on CPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--pretrained", choices=("auto", "yes", "no"), default="auto",
-                   help="ImageNet weights for the VGG11-BN prefix; auto uses them when cached "
-                        "or downloadable")
-    p.add_argument("--sync_bn", action="store_true", help="synchronised BatchNorm under torchrun")
-    p.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true",
-                   help="drop malformed CSV rows (with a warning that counts them)")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    p = Parser(prog="run.py", description="Train a VGG11-prefix facial-emotion model on FER2013, then test it.",
+               epilog=EXAMPLES)
+    g = p.add_argument_group("data")
+    flag(g, "-d", "--dataset", default=DEFAULT_CSV,
+         help="FER2013 CSV (.csv/.gz/.xz/.zip), or 'synthetic' for the built-in faces "
+              "(default: %(default)s)")
+    flag(g, "--skip_bad_rows", action="store_true", help="drop malformed CSV rows (with a warning)")
+
+    g = p.add_argument_group("model")
+    flag(g, "-m", "--model", type=one_of(MODEL_NAMES, "model"), default=None, metavar="MODEL",
+         help=f"one of {', '.join(MODEL_NAMES)} (default: {DEFAULT_MODEL}; on resume: the run's)")
+    flag(g, "--pretrained", choices=("auto", "yes", "no"), default="auto",
+         help="ImageNet weights for the VGG11-BN prefix; auto uses them when cached or "
+              "downloadable (default: %(default)s)")
+
+    g = p.add_argument_group("optimisation")
+    flag(g, "--optimizer", choices=sorted(DEFAULT_LR), default="sgd",
+         help="sgd = SGD with Nesterov momentum 0.9; adadelta is the classic recipe (default: sgd)")
+    flag(g, "--lr", type=float, default=None,
+         help="peak learning rate (default: sgd 0.02, adamw 1e-3, adadelta 0.1)")
+    flag(g, "--batch_size", type=int, default=128, help="training batch size per process (default: 128)")
+    flag(g, "--weight_decay", type=float, default=5e-4,
+         help="L2 weight decay, not on BatchNorm/PReLU/biases (default: %(default)s)")
+    flag(g, "--label_smoothing", type=float, default=0.1, help="cross-entropy smoothing (default: 0.1)")
+    flag(g, "--weighted_loss", "--wl", action="store_true", dest="wl",
+         help="weight the loss by inverse class frequency of the Training split")
+    flag(g, "--ema_decay", type=float, default=0.999,
+         help="validate, select and ship an exponential moving average of the weights with this "
+              "per-step decay; 0 turns it off (default: %(default)s)")
+
+    g = p.add_argument_group("schedule and stopping")
+    flag(g, "--epoch_num", "--epochs", type=int, default=50, help="number of epochs (default: 50)")
+    flag(g, "--scheduler", choices=("cosine", "plateau", "none"), default="cosine",
+         help="cosine: warm-up then cosine decay to 0 over epoch_num; plateau: multiply the lr by "
+              "--plateau_factor after --plateau_patience bad validations (default: cosine)")
+    flag(g, "--warmup_epochs", type=float, default=1.0, help="linear warm-up, cosine only (default: 1)")
+    flag(g, "--plateau_patience", type=int, default=3, help="bad validations per lr cut (default: 3)")
+    flag(g, "--plateau_factor", type=float, default=0.5, help="lr multiplier per cut (default: 0.5)")
+    flag(g, "--patience", type=int, default=10,
+         help="stop after this many validations without improvement (default: 10)")
+    flag(g, "--early_stop", choices=("loss", "acc"), default="loss",
+         help="validation metric for early stopping and the best checkpoint (default: loss)")
+    flag(g, "--num_epoch_to_validate", "--validate_every_epochs", type=int, default=1,
+         help="validate every N epochs (default: 1)")
+    flag(g, "--num_iter_to_validate", "--validate_every_steps", type=int, default=0,
+         help="validate every N training steps instead (default: 0, off)")
+
+    g = p.add_argument_group("augmentation")
+    flag(g, "--erase_p", type=float, default=0.5, help="probability of random erasing (default: 0.5)")
+
+    g = p.add_argument_group("checkpoints and outputs")
+    flag(g, "--checkpoint", default=None, metavar="FILE",
+         help="resume this run (a *_last.pth file, or the run's folder)")
+    flag(g, "--init_from", default=None, metavar="FILE",
+         help="start a new run (-m) from the weights in this checkpoint or export (fine-tuning)")
+    flag(g, "--checkpoint_dir", default="./checkpoint",
+         help="folder for the run folders of checkpoints (default: %(default)s)")
+    flag(g, "-o", "--output", default="./outputs", help="folder for outputs (default: %(default)s)")
+    flag(g, "--run_name", default=None, help="name of the run folders (default: MODEL_TIME)")
+    flag(g, "--num_save", type=int, default=16, help="test faces saved as images (default: 16)")
+
+    g = p.add_argument_group("hardware")
+    flag(g, "--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+         help="auto: CUDA, then Apple MPS, then CPU (default: auto)")
+    flag(g, "--amp", action="store_true",
+         help="mixed precision: bf16 on CUDA (fp16 on older GPUs) and on CPUs with bf16 "
+              "(about 2x faster training there)")
+    flag(g, "--threads", "--num_workers", type=int, default=0, dest="threads",
+         help="CPU threads for PyTorch (default: 0, all cores; the data needs no worker processes)")
+    flag(g, "--eval_batch_size", type=int, default=None,
+         help="batch size for validation and the test (default: 64 on a CPU, 512 on a GPU)")
+    flag(g, "--channels_last", action=argparse.BooleanOptionalAction, default=True,
+         help="channels-last memory format (about 2.5x faster convolutions on CPUs; default: on)")
+    flag(g, "--compile", action="store_true", help="torch.compile the model")
+    flag(g, "--sync_bn", action="store_true", help="synchronised BatchNorm under torchrun")
+    flag(g, "--seed", type=int, default=0, help="seed; CPU runs repeat exactly (default: 0)")
+    flag(g, "--debug", action="store_true", help="show Python tracebacks on errors")
     return p
 
 
@@ -98,7 +131,7 @@ def check_args(args):
              (args.patience > 0, "--patience must be at least 1"),
              (args.num_iter_to_validate >= 0, "--num_iter_to_validate must be 0 or more"),
              (args.num_epoch_to_validate > 0, "--num_epoch_to_validate must be positive"),
-             (args.num_workers >= 0, "--num_workers must be 0 or more"),
+             (args.threads >= 0, "--threads must be 0 or more"),
              (args.num_save >= 0, "--num_save must be 0 or more"),
              (args.weight_decay >= 0, "--weight_decay must be 0 or more"),
              (0 <= args.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
@@ -112,49 +145,74 @@ def check_args(args):
         raise UserError("; ".join(errors))
 
 
-def explicit_flags(parser, argv):
-    """The destinations of the flags the user actually typed."""
+def typed_flags(parser, argv):
+    """The destinations of the flags the user typed (whole names only: the parser refuses
+    abbreviations, so nothing typed can be missed here)."""
     typed = {token.split("=", 1)[0] for token in argv if token.startswith("-")}
     return {action.dest for action in parser._actions if typed & set(action.option_strings)}
 
 
+def find_last_checkpoint(folder):
+    """The *_last.pth of a run folder, or a UserError naming what is there."""
+    found = sorted(glob.glob(os.path.join(folder, "*_last.pth")))
+    if len(found) == 1:
+        return found[0]
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.pth")))
+    raise UserError(f"{folder} is a folder; pass the checkpoint file to resume" +
+                    (f" (it holds {', '.join(names)})" if names else " (it holds no checkpoints)"))
+
+
 def resolve_run(parser, argv):
-    """Parse the command line into (args, checkpoint to resume or None, checkpoint to start from)."""
-    from train import load_checkpoint
+    """Parse the command line into (args, checkpoint to resume or None, checkpoint to start from
+    or None). `-m MODEL --checkpoint FILE`, the old spelling of --init_from, is still understood."""
     args = parser.parse_args(argv)
+    folder = args.checkpoint and (os.path.isdir(args.checkpoint) or not (
+        os.path.exists(args.checkpoint) or args.checkpoint.endswith(".pth")))
+    if folder:
+        if glob.glob(os.path.join(args.checkpoint, "*_last.pth")):
+            args.checkpoint = find_last_checkpoint(args.checkpoint)  # a run folder: resume its run
+        else:  # the old meaning of --checkpoint FOLDER
+            args.checkpoint_dir, args.checkpoint = args.checkpoint, None
+    if args.checkpoint and args.model is not None and args.init_from is None:
+        args.init_from, args.checkpoint = args.checkpoint, None  # the old spelling of --init_from
+    if args.checkpoint and args.init_from:
+        raise UserError("--checkpoint resumes a run and --init_from starts a new one: pass one")
     resume = init = None
-    if os.path.isfile(args.checkpoint) or args.checkpoint.endswith(".pth"):
-        ckpt = load_checkpoint(args.checkpoint)
-        if args.model is None:
-            resume = ckpt
-            saved = dict(ckpt["args"])
-            saved.setdefault("ema_decay", 0.0)  # runs started before --ema_decay existed had none
-            typed = explicit_flags(parser, argv)
-            ignored = sorted(typed - set(RESUME_OVERRIDES) - {"checkpoint"})
-            if ignored:
-                print(f"note: resuming keeps the run's own settings; ignoring --{', --'.join(ignored)}")
-            saved.update({k: getattr(args, k) for k in typed & set(RESUME_OVERRIDES)})
-            args = argparse.Namespace(**dict(saved, checkpoint=args.checkpoint))
-        else:
-            init = ckpt
-            if ckpt["model_name"] != args.model:
-                raise UserError(f"{args.checkpoint} holds a {ckpt['model_name']}, not a {args.model}")
-            args.init_from = args.checkpoint
-            args.checkpoint = parser.get_default("checkpoint")
-    args.model = args.model or "vgg2_4_2_conv3"
-    args.lr = args.lr or DEFAULT_LR[args.optimizer]
+    if args.checkpoint:
+        resume = checkpoint.load(args.checkpoint)
+        resume["train_state"] = checkpoint.train_state(resume, args.checkpoint)
+        saved = {**vars(parser.parse_args([])), **resume["args"]}  # flags added since: defaults
+        saved.pop("num_workers", None)  # the old name of --threads
+        if "ema_decay" not in resume["args"]:
+            saved["ema_decay"] = 0.0  # runs started before --ema_decay existed had none
+        typed = typed_flags(parser, argv)
+        ignored = sorted(typed - set(RESUME_OVERRIDES) - {"checkpoint"})
+        if ignored:
+            print(f"note: resuming keeps the run's own settings; ignoring --{', --'.join(ignored)}")
+        if "epoch_num" in typed and args.epoch_num != saved["epoch_num"]:
+            print(f"note: --epoch_num {args.epoch_num} (the run was planned for {saved['epoch_num']}):"
+                  " the cosine schedule is stretched or shrunk to the new length from here on, so "
+                  "the learning rate jumps")
+        saved.update({k: getattr(args, k) for k in typed & set(RESUME_OVERRIDES)})
+        args = argparse.Namespace(**dict(saved, checkpoint=args.checkpoint, init_from=None))
+    elif args.init_from:
+        init = checkpoint.load(args.init_from)
+        args.model = args.model or init["model_name"]
+        if init["model_name"] != args.model:
+            raise UserError(f"{args.init_from} holds a {init['model_name']}, not a {args.model}")
+    args.model = args.model or DEFAULT_MODEL
     check_args(args)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
     return args, resume, init
 
 
 def make_optimizer(model, args):
     """The optimiser the flags ask for; weight decay on weights only (not on BN, PReLU, biases)."""
-    import torch
-    from train import NesterovSGD
     params = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": args.weight_decay},
               {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
     if args.optimizer == "sgd":
-        return NesterovSGD(params, lr=args.lr, momentum=0.9)
+        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True)
     if args.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=args.lr)
     return torch.optim.Adadelta(params, lr=args.lr)
@@ -162,8 +220,6 @@ def make_optimizer(model, args):
 
 def setup_distributed(device_name):
     """(rank, world size, device); torchrun's environment turns on DistributedDataParallel."""
-    import torch
-    from utils import select_device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = select_device(device_name)
     if world == 1:
@@ -176,12 +232,43 @@ def setup_distributed(device_name):
     return rank, world, device
 
 
+def claim_run_folder(ckpt_dir, resuming, model_name):
+    """Own a run folder for this process: a lock file with our pid, refused while a live process
+    holds it; a new run never reuses the folder of an earlier one; temporary files that a killed
+    save left behind are removed. Returns the lock file's path (removed at the end)."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    lock = os.path.join(ckpt_dir, ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            pid = int(open(lock).read().strip() or 0)
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):  # a dead owner's lock: take it over
+            os.remove(lock)
+            return claim_run_folder(ckpt_dir, resuming, model_name)
+        except PermissionError:
+            pass  # alive, owned by someone else
+        raise UserError(f"another run (process {pid}) is using {ckpt_dir}; wait for it to end, or "
+                        "pick another --run_name") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    if not resuming and glob.glob(os.path.join(ckpt_dir, "*.pth")):
+        os.remove(lock)
+        last = glob.glob(os.path.join(ckpt_dir, f"{model_name}_last.pth"))
+        hint = (f"resume it with: python3 run.py --checkpoint {last[0]}" if last
+                else "pick another --run_name")
+        raise UserError(f"{ckpt_dir} already holds a run; {hint} (or choose another --run_name)")
+    for stale in glob.glob(os.path.join(ckpt_dir, ".tmp-*")):
+        os.remove(stale)  # we hold the lock: no live process is writing these
+    return lock
+
+
 def write_history(history, out_dir):
-    from utils import save_json
     save_json(history, os.path.join(out_dir, "history.json"))
     with open(os.path.join(out_dir, "history.csv"), "w", newline="") as f:
         if history:
-            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer = csv.DictWriter(f, fieldnames=list(history[-1]))
             writer.writeheader()
             writer.writerows(history)
 
@@ -200,13 +287,12 @@ def plot_curves(history, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
 
 
 def draw_or_warn(plot, *args):
-    """Draw a chart (its path last in args); the run does not need the picture, so a failure is a
-    warning. Charts are drawn after training: importing matplotlib before the first step, even in
-    a thread, made that step 0.45 s slower on the dev CPU, a fifth of the 2 s start budget."""
+    """Draw a chart (its path last in args); the run does not need the picture, so a failure is
+    a warning."""
     try:
         plot(*args)
     except Exception as err:  # a missing font, a full disk: not worth stopping the run
@@ -214,55 +300,25 @@ def draw_or_warn(plot, *args):
 
 
 def main(argv):
-    import numpy as np
-    import torch
-    import dataset
-    import infer
-    import train
-    from torch.optim.swa_utils import AveragedModel
-    from models import build_model
-    from utils import amp_dtype_for, check_writable, reuse_freed_memory, save_json, save_torch, seed_everything
-
     parser = get_args_parser()
     args, resume, init = resolve_run(parser, argv)
     rank, world, device = setup_distributed(args.device)
     reuse_freed_memory(device)  # each step's large activations reuse memory, not fault it in again
     log = print if rank == 0 else (lambda *a, **k: None)
-    if args.num_workers:
-        torch.set_num_threads(args.num_workers)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    # Where this run writes: the resumed run's own folders, or new ones.
-    if resume is not None:
-        run_name, out_dir = resume["run_name"], resume["out_dir"]
-        ckpt_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    else:
-        run_name = args.run_name or f"{args.model}_{time.strftime('%Y%m%d-%H%M%S')}"
-        if world > 1:  # every rank must agree on the name rank 0 chose
-            names = [run_name]
-            torch.distributed.broadcast_object_list(names, src=0)
-            run_name = names[0]
-        ckpt_dir, out_dir = os.path.join(args.checkpoint, run_name), os.path.join(args.output, run_name)
-    args.run_name = run_name
-    if rank == 0:
-        check_writable(ckpt_dir)
-        check_writable(out_dir)
-
+    # Inputs first: nothing is created on disk until the data and the model are in hand.
     data = dataset.load_fer2013(args.dataset, args.skip_bad_rows, log=log)
     train_x, train_y = data.split("train")
     val_x, val_y = data.split("val")
     data.split("test")  # fail now, not after training, when the test split is missing
-    if rank == 0:
-        log(f"{data.source}: {len(train_y)} training, {len(val_y)} validation faces")
-        counts = dataset.class_counts(data)
-        log(dataset.class_table(counts))
-
     seed_everything(args.seed + rank)
-    model, used_imagenet = (build_model(args.model, "no") if resume is not None
-                            else build_model(args.model, args.pretrained))
     if init is not None:
-        model = infer.model_from_checkpoint(init)
-        used_imagenet = init.get("pretrained_used", False)
-        log(f"starting from the weights of {args.init_from} (fine-tuning)")
+        model, used_imagenet = checkpoint.build_model(init, source=args.init_from), init.get("pretrained_used", False)
+        model.train()
+    else:
+        model, used_imagenet = build_model(args.model, "no" if resume is not None else args.pretrained)
     model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -271,105 +327,154 @@ def main(argv):
     if args.amp and amp_dtype is None:
         log(f"note: --amp needs CUDA or a CPU with bf16 support; training in fp32 on {device.type}")
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
     weights = train.class_weights(train_y).to(device) if args.wl else None
-    if weights is not None:
-        log("class weights (inverse frequency, mean 1): " + ", ".join(
-            f"{name} {w:.3f}" for name, w in zip(dataset.EMOTIONS, weights.tolist())))
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
+    ema = train.weight_average(model, args.ema_decay) if args.ema_decay else None
 
-    state = {"step": 0, "stopper": train.EarlyStopper(args.patience, args.early_stop),
-             "lr_factor": 1.0, "history": [], "elapsed": 0.0, "running": torch.zeros(3)}
+    state = train.TrainState()
     if resume is not None:
+        state = resume["train_state"]
         model.load_state_dict(resume["model_state"])
         optimizer.load_state_dict(resume["optimizer_state"])
         if scaler is not None and resume.get("scaler_state"):
             scaler.load_state_dict(resume["scaler_state"])
-        stop = resume["stopper"]
-        state.update(step=resume["step"], lr_factor=resume["lr_factor"], history=list(resume["history"]),
-                     elapsed=resume["elapsed"], running=resume["running"],
-                     stopper=train.EarlyStopper(args.patience, stop["mode"], stop["best"], stop["bad"]))
+        if ema is not None and resume.get("ema_state") is not None:
+            ema.module.load_state_dict(resume["ema_state"])
+            ema.n_averaged.fill_(resume["ema_updates"])
         rng = resume["rng"]
         train.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
-        log(f"resuming {run_name} at step {state['step']} (epoch {resume['epoch']:.2f})")
-    model_to_save = model  # saved unwrapped: no `module.` / `_orig_mod.` prefixes
+
+    # Where this run writes: checkpoints beside the resumed file, outputs under this command's -o.
+    if resume is not None:
+        run_name = resume["run_name"]
+        ckpt_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    else:
+        run_name = args.run_name or f"{args.model}_{time.strftime('%Y%m%d-%H%M%S')}"
+        if world > 1:  # every rank must agree on the name rank 0 chose
+            names = [run_name]
+            torch.distributed.broadcast_object_list(names, src=0)
+            run_name = names[0]
+        ckpt_dir = os.path.join(args.checkpoint_dir, run_name)
+    out_dir = os.path.join(args.output, run_name)
+    args.run_name = run_name
+    paths = {kind: os.path.join(ckpt_dir, f"{args.model}_{kind}.pth") for kind in ("best", "last")}
+    lock = claim_run_folder(ckpt_dir, resume is not None, args.model) if rank == 0 else None
+    try:
+        if rank == 0:
+            check_writable(out_dir)
+        return train_and_test(args, data, model, optimizer, loss_fn, ema, scaler, state, paths,
+                              out_dir, used_imagenet, resume, init, device, amp_dtype, rank, world, log)
+    finally:
+        if lock is not None and os.path.exists(lock):
+            os.remove(lock)
+
+
+def train_and_test(args, data, model, optimizer, loss_fn, ema, scaler, state, paths, out_dir,
+                   used_imagenet, resume, init, device, amp_dtype, rank, world, log):
+    """The loop: train to the next validation, validate, decide, save; then the PrivateTest."""
+    train_x, train_y = data.split("train")
+    batches = dataset.Batches(train_x, train_y, args.batch_size, device, args.seed, rank=rank, world=world)
+    val_batches = dataset.Batches(*data.split("val"), eval_batch_size(args.eval_batch_size, device),
+                                  device, shuffle=False, rank=rank, world=world)
+    plain_model = model
     if world > 1:
         if args.sync_bn:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model_to_save = model
+            model = plain_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
-    ema = None
-    if args.ema_decay:
-        ema = AveragedModel(model_to_save, multi_avg_fn=train.ema_update_fn(args.ema_decay),
-                            use_buffers=True)
-        if resume is not None and resume.get("ema_state") is not None:
-            ema.module.load_state_dict(resume["ema_state"])
-            ema.n_averaged.fill_(resume["ema_updates"])
-
-    on_device = device.type == "cuda"  # the whole data set fits on any GPU: no copies per batch
-    to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))
-    train_images = to_tensor(train_x).unsqueeze(1)
-    train_labels = to_tensor(train_y)
-    val_data = (to_tensor(val_x).unsqueeze(1), to_tensor(val_y))
-    if on_device:
-        train_images, train_labels = train_images.to(device), train_labels.to(device)
-        val_data = tuple(t.to(device) for t in val_data)
-    batches = train.Batches(train_images, train_labels, args.batch_size, args.seed, rank=rank, world=world)
     steps_per_epoch = len(batches)
-
-    # An unset --eval_batch_size stays None (also in the checkpoint): train.evaluate and
-    # infer.report pick the default of whatever device the run, or its resumption, is on.
+    total_steps = args.epoch_num * steps_per_epoch
+    every = args.num_iter_to_validate or args.num_epoch_to_validate * steps_per_epoch
     cfg = argparse.Namespace(**vars(args), amp_dtype=amp_dtype)
-    paths = {kind: os.path.join(ckpt_dir, f"{args.model}_{kind}.pth") for kind in ("best", "last")}
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     def save(kind):
         rng = [train.rng_state()]
         if world > 1:
             rng = [None] * world
             torch.distributed.all_gather_object(rng, train.rng_state())
-        if rank != 0:
-            return
-        checkpoint = {
-            "format_version": train.CHECKPOINT_FORMAT, "kind": kind, "model_name": args.model,
-            "model_state": model_to_save.state_dict(), "optimizer_state": optimizer.state_dict(),
-            "scaler_state": scaler.state_dict() if scaler is not None else None,
-            # The averaged weights are the ones validated and shipped (infer.model_from_checkpoint).
-            "ema_state": ema.module.state_dict() if ema is not None else None,
-            "ema_updates": int(ema.n_averaged) if ema is not None else 0,
-            "step": state["step"], "epoch": state["step"] / steps_per_epoch,
-            "stopper": vars(state["stopper"]), "lr_factor": state["lr_factor"],
-            "history": state["history"], "elapsed": state["elapsed"], "rng": rng,
-            "running": state["running"].cpu(),
-            "args": {k: v for k, v in vars(args).items()}, "run_name": run_name, "out_dir": out_dir,
-            "pretrained_used": used_imagenet, "class_names": list(dataset.EMOTIONS),
-            "dataset": data.source, "world_size": world}
-        try:
-            save_torch(checkpoint, paths[kind])
-        except OSError as err:
-            raise UserError(f"could not write {paths[kind]} ({err.strerror or err}); the previous "
-                            f"checkpoints in {ckpt_dir} are intact") from err
+        if rank == 0:
+            checkpoint.save(checkpoint.training_checkpoint(
+                kind, args.model, plain_model, optimizer, state, args, args.run_name, rng,
+                scaler=scaler, ema=ema, pretrained_used=used_imagenet, dataset=data.source,
+                world_size=world), paths[kind])
 
     if rank == 0:
+        log(f"{data.source}: {len(train_y)} training, {len(val_batches.labels)} validation faces")
+        counts = dataset.class_counts(data)
+        log(dataset.class_table(counts))
+        if args.wl:
+            log("class weights (inverse frequency, mean 1): " + ", ".join(
+                f"{name} {w:.3f}" for name, w in zip(EMOTIONS, loss_fn.weight.tolist())))
+        if init is not None:
+            log(f"starting from the weights of {args.init_from} (fine-tuning)")
+        if resume is not None:
+            log(f"resuming {args.run_name} from {args.checkpoint} at step {state.step} "
+                f"(epoch {state.step / steps_per_epoch:.2f})")
+            best = paths["best"]
+            if os.path.exists(best) and os.path.getmtime(best) > os.path.getmtime(args.checkpoint):
+                log(f"note: {best} is newer than {args.checkpoint} (a save was cut short); "
+                    f"continuing from {args.checkpoint}")
         save_json(vars(args), os.path.join(out_dir, "args.json"))
         log(f"{args.model} on {device.type}" + (f" x{world} processes" if world > 1 else "") +
-            f": {steps_per_epoch} steps per epoch, ImageNet prefix: {'yes' if used_imagenet else 'no'};"
-            f" checkpoints in {ckpt_dir}, outputs in {out_dir}")
-    ended = train.fit(model, optimizer, loss_fn, batches, val_data, cfg, state, save, device,
-                      scaler, rank, world, log, eval_model=model_to_save, ema=ema)
-    log(f"{ended}; {state['step']} steps in {state['elapsed']:.0f} s, "
-        f"{state['images_per_s']:.0f} training images/s")
-    if rank == 0:
-        draw_or_warn(dataset.plot_class_distribution, counts,
-                     os.path.join(out_dir, "class_distribution.png"))
-    if rank == 0 and state["history"]:
-        write_history(state["history"], out_dir)
-        draw_or_warn(plot_curves, state["history"], os.path.join(out_dir, "curves.png"))
+            f": {steps_per_epoch} steps per epoch, ImageNet prefix: {'yes' if used_imagenet else 'no'}"
+            f", weight average: {'decay ' + str(args.ema_decay) if ema is not None else 'off'}; "
+            f"checkpoints in {os.path.dirname(paths['last'])}, outputs in {out_dir}")
+
+    ended, session_start, session_steps = "finished all epochs", time.perf_counter(), 0
+    with train.StopRequest() as stop:
+        while state.step < total_steps:
+            if state.bad_validations >= args.patience:
+                ended = f"early stopping after {args.patience} validations without improvement"
+                break
+            start_step, started = state.step, time.perf_counter()
+            until = min(total_steps, (state.step // every + 1) * every)
+            train_loss, train_acc, _, stopped = train.train_steps(
+                model, optimizer, loss_fn, batches, state, cfg, device, until, stop, ema, scaler,
+                world, show_progress=rank == 0)
+            session_steps += state.step - start_step
+            if stopped:
+                state.elapsed += time.perf_counter() - started
+                save("last")
+                ended = f"stopped by {stopped}"
+                break
+            if world > 1:
+                # BatchNorm statistics drift apart on each rank's own batches; validate (and save)
+                # with rank 0's, which DDP hands to every rank before each forward anyway.
+                for buffer in [*plain_model.buffers(), *(ema.module.buffers() if ema else [])]:
+                    torch.distributed.broadcast(buffer, 0)
+            with autocast:  # bf16 validation under --amp: 1.7x faster, same accuracy to 0.1%
+                raw = train.evaluate(plain_model, val_batches, world)
+                val_loss, val_acc = raw if ema is None else train.evaluate(ema.module, val_batches, world)
+            train.check_finite(val_loss, state.step, optimizer.param_groups[0]["lr"])
+            improved = state.record(val_loss if args.early_stop == "loss" else val_acc, args.early_stop)
+            if (args.scheduler == "plateau" and not improved
+                    and state.bad_validations % args.plateau_patience == 0):
+                state.lr_factor *= args.plateau_factor
+            state.elapsed += time.perf_counter() - started
+            state.history.append({
+                "step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+                "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                "time": round(state.elapsed, 2),
+                **({"val_loss_raw": raw[0], "val_acc_raw": raw[1]} if ema is not None else {})})
+            per_epoch = (time.perf_counter() - session_start) / session_steps * steps_per_epoch
+            eta = per_epoch * (total_steps - state.step) / steps_per_epoch
+            log(f"epoch {state.step / steps_per_epoch:.2f}/{args.epoch_num}: train loss {train_loss:.4f}"
+                f" acc {train_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}"
+                + (f" (raw weights {raw[1]:.4f})" if ema is not None else "") +
+                f" | best {args.early_stop} {state.best_score:.4f}{' (new)' if improved else ''}"
+                f" | patience left {args.patience - state.bad_validations}"
+                f" | {per_epoch:.0f} s/epoch, {eta / 60:.0f} min to go")
+            if improved:
+                save("best")
+            save("last")
+
     if world > 1:
         # Every rank must hold the same weights after training: compare a checksum.
-        checksum = torch.tensor([sum(p.detach().double().sum() for p in model_to_save.parameters())],
+        checksum = torch.tensor([sum(p.detach().double().sum() for p in plain_model.parameters())],
                                 device=device)
         sums = [torch.zeros_like(checksum) for _ in range(world)]
         torch.distributed.all_gather(sums, checksum)
@@ -377,16 +482,25 @@ def main(argv):
         log(f"weights checksum {checksum.item():.6f}: " + (f"identical on all {world} ranks" if agree
             else "DIFFERENT across ranks: " + ", ".join(f"{s.item():.6f}" for s in sums)))
         torch.distributed.destroy_process_group()
+    seconds = time.perf_counter() - session_start
+    log(f"{ended}; step {state.step} of {total_steps}, {state.elapsed:.0f} s in all, "
+        f"{session_steps * args.batch_size * world / max(seconds, 1e-9):.0f} training images/s "
+        "in this session")
+    if rank != 0:
+        return 130 if ended.startswith("stopped by") else 0
+    if state.history:
+        write_history(state.history, out_dir)
+        draw_or_warn(plot_curves, state.history, os.path.join(out_dir, "curves.png"))
+    draw_or_warn(dataset.plot_class_distribution, dataset.class_counts(data),
+                 os.path.join(out_dir, "class_distribution.png"))
     if ended.startswith("stopped by"):
         log(f"resume with: python3 run.py --checkpoint {paths['last']}")
         return 130
-    if rank == 0 and os.path.exists(paths["best"]):
-        test_x, test_y = data.split("test")
+    if os.path.exists(paths["best"]):
         log(f"testing the best checkpoint on PrivateTest: reports in {os.path.join(out_dir, 'test')}")
-        metrics = infer.report([paths["best"]], test_x, test_y, os.path.join(out_dir, "test"),
-                               num_save=args.num_save, batch_size=args.eval_batch_size,
-                               device=device, split_name="test (PrivateTest)", log=log)
-        save_json(metrics, os.path.join(out_dir, "test_metrics.json"))
+        infer.report([paths["best"]], *data.split("test"), os.path.join(out_dir, "test"),
+                     num_save=args.num_save, batch_size=args.eval_batch_size, device=device,
+                     split_name="test (PrivateTest)", log=log)
     return 0
 
 

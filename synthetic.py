@@ -27,15 +27,13 @@ API (used by the other scripts):
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
-EMOTIONS = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
+from utils import EMOTIONS, SIDE, SPLITS, atomic_write, save_figure
+
 FER_TRAIN_COUNTS = (3995, 436, 4097, 7215, 4830, 3171, 4965)
-SIZE = 48
 _UNIT = 25.0  # pixels per face unit at scale 1 (the face is about 2 units tall)
-USAGES = ("Training", "PublicTest", "PrivateTest")
 
 # Per-class ranges (low, high) of the expression parameters, in face units (1 unit ~ 25 px at
 # scale 1; y grows downward). Order of classes: Angry, Disgust, Fear, Happy, Sad, Surprise, Neutral.
@@ -195,7 +193,7 @@ def _render(P, noise):
     """Draw a batch of faces from parameter arrays (each (B,)); noise: (B, 48, 48) N(0, 1)."""
     B = len(P["cx"])
     Q = {k: np.asarray(v, dtype=np.float32).reshape(B, 1, 1) for k, v in P.items()}
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32)
     xx = xx[None] + 0.5
     yy = yy[None] + 0.5
     S = _UNIT * Q["scale"]  # pixels per face unit
@@ -224,8 +222,8 @@ def _render(P, noise):
         vs = np.array([v0, v0, v1, v1], dtype=np.float32)
         px = Q["cx"][:, :, 0] + S[:, :, 0] * (c[:, :, 0] * us - s[:, :, 0] * vs)
         py = Q["cy"][:, :, 0] + S[:, :, 0] * (s[:, :, 0] * us + c[:, :, 0] * vs)
-        r0, r1 = int(max(np.floor(py.min() - margin), 0)), int(min(np.ceil(py.max() + margin), SIZE))
-        c0, c1 = int(max(np.floor(px.min() - margin), 0)), int(min(np.ceil(px.max() + margin), SIZE))
+        r0, r1 = int(max(np.floor(py.min() - margin), 0)), int(min(np.ceil(py.max() + margin), SIDE))
+        c0, c1 = int(max(np.floor(px.min() - margin), 0)), int(min(np.ceil(px.max() + margin), SIDE))
         r1, c1 = max(r1, r0 + 1), max(c1, c0 + 1)
         win = (slice(r0, r1), slice(c0, c1))
         return win, u[(slice(None),) + win], v[(slice(None),) + win]
@@ -327,14 +325,14 @@ def make_faces(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if labels.size and (labels.min() < 0 or labels.max() >= len(EMOTIONS)):
         raise ValueError(f"labels must be in 0..{len(EMOTIONS) - 1}")
     n = len(labels)
-    out = np.empty((n, SIZE, SIZE), dtype=np.uint8)
+    out = np.empty((n, SIDE, SIDE), dtype=np.uint8)
     if n == 0:
         return out
     P = _sample_params(labels, rng)
     chunk = 64  # small batches stay in the CPU cache
     for i in range(0, n, chunk):
         sl = slice(i, min(i + chunk, n))
-        noise = rng.standard_normal((sl.stop - sl.start, SIZE, SIZE), dtype=np.float32)
+        noise = rng.standard_normal((sl.stop - sl.start, SIDE, SIDE), dtype=np.float32)
         out[sl] = _render({k: v[sl] for k, v in P.items()}, noise)
     return out
 
@@ -347,7 +345,7 @@ def make_synthetic(n_train=4000, n_val=800, n_test=800, seed=0):
     every class at least min(3, n // 7) times; labels are shuffled within a split. Each split
     has its own random stream, so e.g. changing n_val leaves the training split unchanged."""
     images, labels, usage = [], [], []
-    for k, (name, n) in enumerate(zip(USAGES, (n_train, n_val, n_test))):
+    for k, (name, n) in enumerate(zip(SPLITS.values(), (n_train, n_val, n_test))):
         n = int(n)
         if n < 0:
             raise ValueError(f"split sizes must be >= 0, got {n} for {name}")
@@ -367,39 +365,25 @@ def write_synthetic_csv(path, n_train=4000, n_val=800, n_test=800, seed=0) -> st
     (temporary file in the same folder, then os.replace)."""
     path = os.fspath(path)
     images, labels, usage = make_synthetic(n_train, n_val, n_test, seed)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write("emotion,pixels,Usage\n")
-            flat = images.reshape(len(images), -1)
-            for i in range(0, len(flat), 1000):
-                rows = [f"{y},{' '.join(map(str, px.tolist()))},{u}\n"
-                        for y, px, u in zip(labels[i:i + 1000], flat[i:i + 1000], usage[i:i + 1000])]
-                f.write("".join(rows))
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    def write(f):
+        f.write(b"emotion,pixels,Usage\n")
+        flat = images.reshape(len(images), -1)
+        for i in range(0, len(flat), 1000):
+            rows = [f"{y},{' '.join(map(str, px.tolist()))},{u}\n"
+                    for y, px, u in zip(labels[i:i + 1000], flat[i:i + 1000], usage[i:i + 1000])]
+            f.write("".join(rows).encode())
+    atomic_write(path, write)
     return path
 
 
 def save_preview(path, per_class=6, seed=0):
     """Save a PNG grid: `per_class` faces per emotion (one row each), labelled, for a person to check."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from matplotlib.figure import Figure
     labels = np.repeat(np.arange(len(EMOTIONS)), per_class)
     faces = make_faces(labels, np.random.default_rng(seed))
-    fig, axes = plt.subplots(len(EMOTIONS), per_class, figsize=(1.3 * per_class, 1.45 * len(EMOTIONS)))
+    fig = Figure(figsize=(1.3 * per_class, 1.45 * len(EMOTIONS)))
+    axes = fig.subplots(len(EMOTIONS), per_class)
     for i, ax in enumerate(np.asarray(axes).reshape(-1)):
         ax.imshow(faces[i], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_xticks([])
@@ -407,11 +391,7 @@ def save_preview(path, per_class=6, seed=0):
         if i % per_class == 0:
             ax.set_ylabel(EMOTIONS[labels[i]], fontsize=9)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 def main(argv=None):

@@ -1,12 +1,22 @@
-"""Small helpers shared by the scripts: user-facing errors, atomic files, devices, seeds."""
+"""Small helpers shared by the scripts: user-facing errors, command lines, atomic files,
+devices, seeds."""
+import argparse
+import difflib
+import errno
 import json
+import shutil
 import os
 import random
 import sys
 import tempfile
 import traceback
 
+# The one definition of FER2013's classes, face size, default file and splits.
 EMOTIONS = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
+NUM_CLASSES = len(EMOTIONS)
+SIDE = 48  # faces are SIDE x SIDE grey pixels
+DEFAULT_CSV = "./data/fer2013.csv"
+SPLITS = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}  # name -> Usage column
 
 
 class UserError(Exception):
@@ -37,9 +47,56 @@ def run_cli(main, argv=None):
         sys.exit(1)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with whole option names only (no silent abbreviations), both `--a_b` and `--a-b`
+    for every flag (see flag()), and mistakes reported in one line instead of under the usage."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def flag(group, *names, **kwargs):
+    """group.add_argument with a `-` spelling added for every `_` one, and the other way round."""
+    spellings = []
+    for name in names:
+        spellings.append(name)
+        if name.startswith("--"):
+            for other in (name[:2] + name[2:].replace("_", "-"), name[:2] + name[2:].replace("-", "_")):
+                if other not in spellings and other not in names:
+                    spellings.append(other)
+    return group.add_argument(*spellings, **kwargs)
+
+
+def one_of(choices, what):
+    """An argparse type that accepts one of `choices` and suggests the closest on a typo."""
+    def check(value):
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; {hint}(one of {', '.join(choices)})")
+    check.__name__ = what
+    return check
+
+
+def _full_disk(folder, err):
+    """Whether a failed write means the disk is full (torch.save says so only as a RuntimeError)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        return shutil.disk_usage(folder).free < 16 * 2**20
+    except OSError:
+        return False
+
+
 def atomic_write(path, write):
     """Call write(file_object) on a temporary file beside `path`, fsync it, then rename it over
-    `path`: a crash or a full disk never leaves a half-written file, and the old one survives."""
+    `path`: a crash or a full disk never leaves a half-written file, and the old one survives.
+    The file gets the permissions of any new file (the umask), not mkstemp's private 0600."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -49,11 +106,23 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, (OSError, RuntimeError)) and _full_disk(folder, err):
+            raise UserError(f"the folder {folder} is full (no space left on device): could not write "
+                            f"{os.path.basename(path)}; the files already there are intact") from err
         raise
+
+
+def save_figure(fig, path, dpi=100):
+    """Write a matplotlib Figure (object API, no pyplot state) as a PNG, atomically."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    return path
 
 
 def save_torch(obj, path):

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import infer
+import photos
 import synthetic
+import checkpoint
 import train
 import utils
 from models import FerNet
@@ -24,7 +26,7 @@ N_TEST = 30
 # ----------------------------------------------------------------------------- helpers
 
 def save_checkpoint(path, model, **extra):
-    ckpt = {"format_version": train.CHECKPOINT_FORMAT, "model_name": model.name,
+    ckpt = {"format_version": checkpoint.FORMAT, "model_name": model.name,
             "model_state": model.state_dict(), "class_names": list(utils.EMOTIONS), **extra}
     torch.save(ckpt, path)
     return str(path)
@@ -170,7 +172,8 @@ def test_constant_model_gives_exact_metrics(ckpts, split, tmp_path):
     """A model that always says Happy: accuracy is the share of Happy, loss is -log p(label)."""
     images, labels = split
     p = torch.softmax(ckpts["bias"].double(), 0).numpy()
-    m = infer.evaluate_split([ckpts["happy"]], images, labels, batch_size=7)
+    models = infer.load_models([ckpts["happy"]])
+    m, _ = infer.compute_metrics(infer.predict(models, images, batch_size=7), labels)
     assert set(m) >= {"loss", "accuracy", "n", "macro_f1"}
     assert m["n"] == N_TEST
     assert m["accuracy"] == pytest.approx(np.mean(labels == 3))
@@ -193,7 +196,7 @@ def test_classes_absent_from_a_small_split(ckpts, split, tmp_path):
 
 @pytest.mark.parametrize("tta", infer.TTA_MODES)
 def test_predict_same_at_batch_size_1_and_512(ckpts, split, tta):
-    models, _ = infer.load_models([ckpts["a"], ckpts["b"]])
+    models = infer.load_models([ckpts["a"], ckpts["b"]])
     images = split[0][:6]
     one = infer.predict(models, images, tta, batch_size=1)
     big = infer.predict(models, images, tta, batch_size=512)
@@ -212,7 +215,7 @@ def test_tta_views_and_ensemble_average(ckpts, split):
     assert torch.equal(views["crop_tl_mirror"], views["crop_tl"].flip(-1))
     assert set(infer.tta_views(x, "flip")) == {"plain", "mirror"}
 
-    models, _ = infer.load_models([ckpts["a"], ckpts["b"]])
+    models = infer.load_models([ckpts["a"], ckpts["b"]])
     images = split[0][:8]
     both = infer.predict(models, images)
     single = [infer.predict([m], images) for m in models]
@@ -285,17 +288,16 @@ def test_fp16_checkpoint_and_run_folder(ckpts, split, tmp_path):
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     folder = tmp_path / "run"
     folder.mkdir()
-    torch.save({"format_version": train.CHECKPOINT_FORMAT, "model_name": "vgg2_0_2",
+    torch.save({"format_version": checkpoint.FORMAT, "model_name": "vgg2_0_2",
                 "model_state": half}, folder / "vgg2_0_2_best.pth")
-    models, names = infer.load_models(str(folder))  # a run folder stands for its *_best.pth
-    assert names == list(utils.EMOTIONS)
-    reference, _ = infer.load_models(ckpts["a"])
+    models = infer.load_models(str(folder))  # a run folder stands for its *_best.pth
+    reference = infer.load_models(ckpts["a"])
     np.testing.assert_allclose(infer.predict(models, split[0][:4]),
                                infer.predict(reference, split[0][:4]), atol=1e-2)
 
 
 def test_predict_rejects_bad_arguments(ckpts, split):
-    models, _ = infer.load_models(ckpts["a"])
+    models = infer.load_models(ckpts["a"])
     with pytest.raises(ValueError, match="tta"):
         infer.predict(models, split[0][:2], "rotate")
     with pytest.raises(ValueError, match="batch_size"):
@@ -377,7 +379,7 @@ def test_no_detect_takes_each_image_as_a_face(ckpts, split, tmp_path, capsys):
     assert code == 0, err
     table = pd.read_csv(out / "faces.csv")
     assert len(table) == 3 and (table["w"] == 48).all() and (table["x"] == 0).all()
-    models, _ = infer.load_models(ckpts["a"])
+    models = infer.load_models(ckpts["a"])
     expected = infer.predict(models, split[0][:3], "flip")
     got = table[[f"p_{n}" for n in utils.EMOTIONS]].to_numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -407,7 +409,7 @@ def test_huge_image_is_refused_from_its_header(ckpts, astronaut_jpg, tmp_path, c
 
 
 def test_large_jpeg_is_downscaled_while_decoding(ckpts, astronaut_jpg, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(infer, "MAX_PIXELS", 100_000)  # the 512x512 photo now counts as huge
+    monkeypatch.setattr(photos, "MAX_PIXELS", 100_000)  # the 512x512 photo now counts as huge
     out = tmp_path / "out"
     code, _, err = run_cli(["-c", ckpts["a"], "--images", astronaut_jpg, "-o", str(out),
                             "--device", "cpu"], capsys)
@@ -445,15 +447,15 @@ def _bad_checkpoint(kind, folder, good):
     elif kind == "foreign_dict":
         torch.save({"weights": torch.zeros(3), "epoch": 4}, path)
     elif kind == "unknown_model":
-        torch.save({"format_version": train.CHECKPOINT_FORMAT, "model_name": "resnet50",
+        torch.save({"format_version": checkpoint.FORMAT, "model_name": "resnet50",
                     "model_state": {"w": torch.zeros(1)}}, path)
     elif kind == "wrong_weights":
-        torch.save({"format_version": train.CHECKPOINT_FORMAT, "model_name": "vgg2_2_2",
+        torch.save({"format_version": checkpoint.FORMAT, "model_name": "vgg2_2_2",
                     "model_state": random_model(0).state_dict()}, path)
     elif kind == "malicious":
         evil = Malicious()
         evil.marker = str(folder / "pwned")
-        torch.save({"format_version": train.CHECKPOINT_FORMAT, "model_name": "vgg2_0_2",
+        torch.save({"format_version": checkpoint.FORMAT, "model_name": "vgg2_0_2",
                     "model_state": {}, "extra": evil}, path)
     elif kind == "missing":
         pass
@@ -475,14 +477,18 @@ def test_bad_checkpoint_is_a_clear_error(kind, ckpts, astronaut_jpg, tmp_path, c
         assert not (tmp_path / "pwned").exists()
 
 
-def test_ensemble_with_different_classes_is_an_error(ckpts, astronaut_jpg, tmp_path, capsys):
+@pytest.mark.parametrize("names", [["Anger", *utils.EMOTIONS[1:]], ["../../../X", *utils.EMOTIONS[1:]]])
+def test_a_checkpoint_with_other_class_names_is_refused(ckpts, split, tmp_path, capsys, names):
+    """Class names come from our own table: they end up in file names (faces/<Emotion>_<i>.png)."""
     renamed = save_checkpoint(tmp_path / "renamed.pth", random_model(3))
     ckpt = torch.load(renamed, weights_only=True)
-    ckpt["class_names"] = ["Anger", *utils.EMOTIONS[1:]]
+    ckpt["class_names"] = names
     torch.save(ckpt, renamed)
-    code, _, err = run_cli(["-c", ckpts["a"], renamed, "--images", astronaut_jpg, "-o",
-                            str(tmp_path / "o"), "--device", "cpu"], capsys)
-    assert code == 2 and "do not agree on the classes" in err
+    csv = synthetic.write_synthetic_csv(tmp_path / "faces.csv", 28, 7, 7)
+    code, _, err = run_cli(["-c", renamed, "-d", csv, "-o", str(tmp_path / "o" / "deep" / "er"),
+                            "--num_save", "5", "--device", "cpu"], capsys)
+    assert code == 2 and "names its classes" in err and "refused" in err
+    assert not list(tmp_path.rglob("X_*.png")) and not (tmp_path / "o").exists()
 
 
 def test_bad_flags_exit_2(ckpts, capsys):
@@ -497,15 +503,15 @@ def test_export_writes_a_small_fp16_checkpoint_that_predicts_the_same(tmp_path):
     source = tmp_path / "full.pth"
     torch.manual_seed(0)
     model = FerNet("vgg2_0_2").eval()
-    torch.save({"format_version": train.CHECKPOINT_FORMAT, "model_name": "vgg2_0_2",
+    torch.save({"format_version": checkpoint.FORMAT, "model_name": "vgg2_0_2",
                 "model_state": model.state_dict(), "class_names": list(utils.EMOTIONS),
                 "optimizer_state": {"state": {0: {"momentum_buffer": torch.zeros(2_000_000)}}}}, source)
     small = tmp_path / "small.pth"
     assert infer.main(["--checkpoint", str(source), "--export", str(small)]) == 0
     assert small.stat().st_size < source.stat().st_size / 3
-    ckpt = train.load_checkpoint(str(small))
+    ckpt = checkpoint.load(str(small))
     assert ckpt["kind"] == "export" and "optimizer_state" not in ckpt
     faces = np.random.default_rng(0).integers(0, 256, (32, 48, 48), dtype=np.uint8)
     full = infer.predict([model], faces)
-    half = infer.predict([infer.model_from_checkpoint(ckpt)], faces)
+    half = infer.predict([checkpoint.build_model(ckpt)], faces)
     assert np.abs(full - half).max() < 2e-2 and (full.argmax(1) == half.argmax(1)).mean() > 0.9

@@ -10,6 +10,7 @@ import torch
 
 import run
 import synthetic
+import checkpoint
 import train
 from utils import UserError, run_cli
 
@@ -26,7 +27,7 @@ def tiny_csv(tmp_path_factory):
 def start_training(csv, tmp_path, epochs):
     command = [sys.executable, "run.py", "-d", csv, "-m", "vgg2_0_2", "--epoch_num", str(epochs),
                "--batch_size", "32", "--num_iter_to_validate", "4", "--pretrained", "no",
-               "--checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"),
+               "--checkpoint_dir", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"),
                "--run_name", "r", "--num_save", "0"]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, FER_CACHE_DIR=str(tmp_path / "cache")))
@@ -46,12 +47,14 @@ def test_sigkill_after_the_first_checkpoint_then_resume_finishes(tiny_csv, tmp_p
     wait_for(last, process)
     process.kill()  # SIGKILL: no chance to save anything
     process.communicate()
-    saved = torch.load(last, weights_only=True)  # the file on disk is whole
+    saved = torch.load(last, weights_only=True)["train_state"]  # the file on disk is whole
     assert saved["step"] % 4 == 0 and saved["step"] < 24
-    assert run.main(["--checkpoint", str(last)]) == 0
-    done = torch.load(last, weights_only=True)
+    assert (last.parent / ".lock").exists()  # the killed run's lock: stale, taken over on resume
+    assert run.main(["--checkpoint", str(last), "-o", str(tmp_path / "out")]) == 0
+    done = torch.load(last, weights_only=True)["train_state"]
     assert done["step"] == 24  # 8 steps per epoch, 3 epochs
     assert len(done["history"]) == 6
+    assert not (last.parent / ".lock").exists()
 
 
 def test_sigint_saves_a_resumable_checkpoint_and_says_how_to_resume(tiny_csv, tmp_path):
@@ -63,11 +66,11 @@ def test_sigint_saves_a_resumable_checkpoint_and_says_how_to_resume(tiny_csv, tm
     assert process.returncode == 130, err[-2000:]
     assert "stopped by SIGINT" in out and f"--checkpoint {last}" in out
     assert "Traceback" not in err
-    saved = torch.load(last, weights_only=True)
+    saved = torch.load(last, weights_only=True)["train_state"]
     assert 4 <= saved["step"] < 40
     # Resume, shortening the run to 5 epochs (8 steps each) so the test ends soon.
-    assert run.main(["--checkpoint", str(last), "--epoch_num", "5"]) == 0
-    resumed = torch.load(last, weights_only=True)
+    assert run.main(["--checkpoint", str(last), "--epoch_num", "5", "-o", str(tmp_path / "out")]) == 0
+    resumed = torch.load(last, weights_only=True)["train_state"]
     assert resumed["step"] == 40 and resumed["history"][0] == saved["history"][0]
 
 
@@ -114,28 +117,32 @@ class Exploit:
 def test_a_malicious_pickle_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    torch.save({"format_version": train.CHECKPOINT_FORMAT, "model_name": "vgg2_0_2",
+    torch.save({"format_version": checkpoint.FORMAT, "model_name": "vgg2_0_2",
                 "model_state": {}, "payload": Exploit(str(marker))}, path)
     assert not marker.exists()
-    with pytest.raises(UserError, match="not a readable checkpoint"):
-        train.load_checkpoint(str(path))
+    with pytest.raises(UserError) as refused:
+        checkpoint.load(str(path))
     assert not marker.exists()
+    message = str(refused.value)
+    assert message.endswith("contains code or Python objects that this tool will not load "
+                            "(it reads only tensors and plain values).")
+    assert "weights_only" not in message and len(message.splitlines()) == 1
 
 
-@pytest.mark.parametrize("version, hint", [(0, "reads format 1"), (99, "newer version")])
+@pytest.mark.parametrize("version, hint", [(0, "reads formats 1-2"), (99, "newer version")])
 def test_old_or_future_checkpoint_format_is_named(tmp_path, version, hint):
     path = tmp_path / "old.pth"
     torch.save({"format_version": version, "model_name": "vgg2_0_2", "model_state": {}}, path)
     with pytest.raises(UserError, match=hint):
-        train.load_checkpoint(str(path))
+        checkpoint.load(str(path))
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage bytes, not a zip or pickle"])
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, content):
     path = tmp_path / "broken.pth"
     path.write_bytes(content)
-    with pytest.raises(UserError, match="not a readable checkpoint"):
-        train.load_checkpoint(str(path))
+    with pytest.raises(UserError, match="is damaged or is not a PyTorch file"):
+        checkpoint.load(str(path))
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
@@ -143,33 +150,38 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"format_version": 1, "model_name": "vgg2_0_2",
                 "model_state": {"w": torch.zeros(10000)}}, path)
     path.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(UserError, match="not a readable checkpoint"):
-        train.load_checkpoint(str(path))
+    with pytest.raises(UserError, match="is damaged or is not a PyTorch file"):
+        checkpoint.load(str(path))
 
 
-def test_disk_full_mid_run_keeps_the_best_checkpoint(tiny_csv, tmp_path, monkeypatch, capsys):
-    """The third checkpoint write fails as on a full disk: clear error, earlier files intact."""
-    import utils
-    real_save = utils.save_torch
+@pytest.mark.parametrize("failure", ["torch.save", "OSError"])
+def test_disk_full_mid_run_keeps_the_best_checkpoint(tiny_csv, tmp_path, monkeypatch, capsys, failure):
+    """The third checkpoint write fails as on a full disk (torch.save raises RuntimeError there,
+    plain writes OSError 28): the error names the folder and says it is full; earlier files intact."""
+    import shutil
+    real_save = torch.save
     calls = []
 
-    def fills_up(obj, path):
-        calls.append(path)
+    def fills_up(obj, f, *args, **kwargs):
+        calls.append(f)
         if len(calls) == 3:
-            def half_then_full(f):
-                f.write(b"partial")
+            f.write(b"partial")
+            if failure == "OSError":
                 raise OSError(28, "No space left on device")
-            utils.atomic_write(path, half_then_full)
-        return real_save(obj, path)
-    monkeypatch.setattr(utils, "save_torch", fills_up)
+            monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", fills_up)
     argv = ["-d", tiny_csv, "-m", "vgg2_0_2", "--epoch_num", "3", "--batch_size", "32",
             "--pretrained", "no", "--num_iter_to_validate", "4", "--run_name", "r",
-            "--checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out")]
+            "--checkpoint_dir", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_:
         run_cli(run.main, argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "No space left on device" in err and "intact" in err and "Traceback" not in err
-    best = train.load_checkpoint(str(tmp_path / "ckpt" / "r" / "vgg2_0_2_best.pth"))
-    assert best["step"] == 4  # written by the first validation, still whole
+    folder = tmp_path / "ckpt" / "r"
+    assert f"the folder {folder} is full" in err and "intact" in err and "Traceback" not in err
+    best = checkpoint.load(str(folder / "vgg2_0_2_best.pth"))
+    assert best["train_state"]["step"] == 4  # written by the first validation, still whole
+    assert not list(folder.glob(".tmp-*"))
     assert sorted(os.listdir(tmp_path / "ckpt" / "r")) == ["vgg2_0_2_best.pth", "vgg2_0_2_last.pth"]

@@ -13,7 +13,7 @@ import dataset
 import run
 import synthetic
 import train
-from utils import amp_dtype_for, atomic_write, eval_batch_size, run_cli
+from utils import UserError, amp_dtype_for, atomic_write, eval_batch_size, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ def tiny_csv(tmp_path_factory):
 
 
 def run_args(csv, tmp_path, *extra):
-    return ["-d", csv, "--checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"),
+    return ["-d", csv, "--checkpoint_dir", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"),
             "--pretrained", "no", "--num_save", "0", "--run_name", "r", *extra]
 
 
@@ -47,9 +47,9 @@ def test_short_run_learns_synthetic_faces_and_writes_everything(faces_csv, tmp_p
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
     assert (out / "history.csv").read_text().count("\n") == 7
-    for name in ("curves.png", "class_distribution.png", "args.json", "test_metrics.json"):
+    for name in ("curves.png", "class_distribution.png", "args.json", "test/metrics.json"):
         assert (out / name).stat().st_size > 0, name
-    test = json.loads((out / "test_metrics.json").read_text())
+    test = json.loads((out / "test" / "metrics.json").read_text())
     assert test["n"] == 400 and os.path.exists(out / "test" / "confusion_matrix.png")
     assert test["accuracy"] > 0.60, test  # chance is 1/7, the majority class 25%
 
@@ -80,15 +80,18 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_csv, tmp_p
     resumed = tmp_path / "resumed"
     assert run.main(run_args(tiny_csv, resumed, *common)) == 130
     last = resumed / "ckpt" / "r" / "vgg2_0_2_last.pth"
-    assert torch.load(last, weights_only=True)["step"] == 6 + 3  # 6 steps per epoch, stopped after 3 more
-    assert run.main(["--checkpoint", str(last)]) == 0
+    assert torch.load(last, weights_only=True)["train_state"]["step"] == 6 + 3  # stopped 3 steps into epoch 2
+    assert run.main(["--checkpoint", str(last), "-o", str(resumed / "out")]) == 0
 
     a, b = final_weights(straight / "ckpt/r/vgg2_0_2_last.pth"), final_weights(last)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    history = lambda root: json.loads((root / "out/r/history.json").read_text())
-    strip_time = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]
-    assert strip_time(history(straight)) == strip_time(history(resumed))
+    rows_a, rows_b = (json.loads((root / "out/r/history.json").read_text()) for root in (straight, resumed))
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [4, 8, 12, 16, 18]
+    for ra, rb in zip(rows_a, rows_b):
+        # Every number repeats, except the training loss over the steps the interruption split.
+        same = [k for k in ra if k != "time" and not (k.startswith("train_") and ra["step"] == 12)]
+        assert {k: ra[k] for k in same} == {k: rb[k] for k in same}
 
 
 def test_fine_tuning_starts_a_new_run_from_the_weights(tiny_csv, tmp_path, monkeypatch):
@@ -100,7 +103,8 @@ def test_fine_tuning_starts_a_new_run_from_the_weights(tiny_csv, tmp_path, monke
             "--epoch_num", "1", "--run_name", "t", "--num_save", "0", "--lr", "1e-9", "--erase_p", "0"]
     assert run.main(argv) == 0
     tuned = torch.load(tmp_path / "checkpoint" / "t" / "vgg2_0_2_last.pth", weights_only=True)
-    assert tuned["step"] == 2 and len(tuned["history"]) == 1  # a new run: its own step count
+    progress = tuned["train_state"]
+    assert progress["step"] == 2 and len(progress["history"]) == 1  # a new run: its own step count
     start = final_weights(source)  # fine-tuning starts from the averaged weights that were selected
     assert torch.allclose(tuned["model_state"]["classifier.4.weight"], start["ema.classifier.4.weight"], atol=1e-5)
 
@@ -117,13 +121,13 @@ def test_early_stopping_stops_after_patience_bad_validations(tiny_csv, tmp_path)
     assert min(losses[-2:]) >= losses[best]
 
 
-def test_early_stopper_counts_bad_validations():
-    stopper = train.EarlyStopper(patience=2, mode="acc")
-    assert [stopper.update(s) for s in (0.5, 0.6, 0.6, 0.55)] == [True, True, False, False]
-    assert stopper.should_stop and stopper.best == 0.6
-    loss = train.EarlyStopper(patience=3, mode="loss")
-    assert [loss.update(s) for s in (1.0, 0.9, 0.95, 0.8)] == [True, True, False, True]
-    assert loss.bad == 0 and not loss.should_stop
+def test_train_state_counts_bad_validations():
+    state = train.TrainState()
+    assert [state.record(s, "acc") for s in (0.5, 0.6, 0.6, 0.55)] == [True, True, False, False]
+    assert state.bad_validations == 2 and state.best_score == 0.6
+    loss = train.TrainState()
+    assert [loss.record(s, "loss") for s in (1.0, 0.9, 0.95, 0.8)] == [True, True, False, True]
+    assert loss.bad_validations == 0 and loss.best_score == 0.8
 
 
 def test_weighted_loss_uses_inverse_class_frequency():
@@ -144,17 +148,18 @@ def test_a_chart_that_cannot_be_drawn_is_a_warning_not_a_failure(tiny_csv, tmp_p
     err = capsys.readouterr().err
     assert "warning: could not draw" in err and "class_distribution.png" in err
     assert "Traceback" not in err
-    assert (tmp_path / "out" / "r" / "test_metrics.json").exists()
+    assert (tmp_path / "out" / "r" / "test" / "metrics.json").exists()
 
 
 def test_weighted_run_prints_the_weights(tiny_csv, tmp_path, capsys):
-    run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "1", "--wl"))
+    assert run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "1", "--wl")) == 0
     assert "class weights (inverse frequency, mean 1): Angry" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--batch_size", "0"], "--batch_size must be positive"),
     (["--lr", "-0.1"], "--lr must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
     (["--patience", "0"], "--patience must be at least 1"),
     (["--epoch_num", "0"], "--epoch_num must be positive"),
     (["--label_smoothing", "1.5"], "--label_smoothing must be in"),
@@ -190,6 +195,27 @@ def test_unknown_model_is_rejected_with_the_choices(capsys):
     assert "vgg2_4_2_conv3" in capsys.readouterr().err
 
 
+def test_a_mistyped_model_gets_one_line_with_the_closest_name(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(run.main, ["-m", "vgg2_4_2_conf3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "did you mean vgg2_4_2_conv3?" in err and len(err.strip().splitlines()) == 1
+
+
+def test_abbreviated_flags_are_refused_not_silently_dropped_on_resume(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run.get_args_parser().parse_args(["--epoch", "5"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --epoch" in capsys.readouterr().err
+
+
+def test_both_spellings_of_every_flag_are_accepted():
+    parse = run.get_args_parser().parse_args
+    assert parse(["--batch-size", "32", "--epoch-num", "3"]).batch_size == 32
+    assert parse(["--weighted-loss"]).wl and parse(["--wl"]).wl
+    assert parse(["--num_workers", "2"]).threads == parse(["--threads", "2"]).threads == 2
+
+
 def test_missing_dataset_is_one_clear_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         run_cli(run.main, run_args(str(tmp_path / "none.csv"), tmp_path))
@@ -204,7 +230,7 @@ def test_failed_checkpoint_write_keeps_the_old_file(tmp_path):
     def dies_halfway(f):
         f.write(b"half a new chec")
         raise OSError(28, "No space left on device")
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="is full"):
         atomic_write(path, dies_halfway)
     assert path.read_bytes() == b"good old checkpoint"
     assert os.listdir(tmp_path) == ["model_best.pth"]  # no temporary file left behind
@@ -228,10 +254,17 @@ def test_batched_augmentation_keeps_shapes_labels_and_range():
 
 def test_shards_cover_the_epoch_exactly_once():
     labels = torch.arange(103)
-    shards = [train.Batches(labels, labels, 10, seed=5, rank=r, world=3) for r in range(3)]
+    shards = [dataset.Batches(labels.numpy(), labels.numpy(), 10, seed=5, rank=r, world=3) for r in range(3)]
     assert len({len(s) for s in shards}) == 1  # every rank takes the same number of steps
     seen = torch.cat([torch.cat(s.epoch_indices(4)) for s in shards])
     assert sorted(seen.tolist()) == list(range(103))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_process_gloo_run_trains_once_and_agrees(faces_csv, tmp_path):
@@ -240,18 +273,18 @@ def test_two_process_gloo_run_trains_once_and_agrees(faces_csv, tmp_path):
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", "29517", "run.py", *run_args(faces_csv, tmp_path, "-m", "vgg2_0_2",
+               "--master_port", str(free_port()), "run.py", *run_args(faces_csv, tmp_path, "-m", "vgg2_0_2",
                "--epoch_num", "4", "--batch_size", "32", "--optimizer", "adamw", "--erase_p", "0",
-               "--num_workers", "1")]
+               "--threads", "1")]
     result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "identical on all 2 ranks" in result.stdout
     assert result.stdout.count("testing the best checkpoint") == 1  # once, on rank 0
-    assert sorted(os.listdir(tmp_path / "ckpt" / "r")) == ["vgg2_0_2_best.pth", "vgg2_0_2_last.pth"]
+    assert sorted(os.listdir(tmp_path / "ckpt" / "r")) == ["vgg2_0_2_best.pth", "vgg2_0_2_last.pth"]  # lock gone
     history = json.loads((tmp_path / "out" / "r" / "history.json").read_text())
     assert len(history) == 4 and history[-1]["val_acc"] > 0.5
-    assert json.loads((tmp_path / "out" / "r" / "test_metrics.json").read_text())["n"] == 400
+    assert json.loads((tmp_path / "out" / "r" / "test" / "metrics.json").read_text())["n"] == 400
 
 
 def test_amp_on_a_cpu_trains_in_bf16_when_the_cpu_has_it(tiny_csv, tmp_path, capsys):
@@ -267,71 +300,3 @@ def test_amp_on_a_cpu_trains_in_bf16_when_the_cpu_has_it(tiny_csv, tmp_path, cap
         assert dtype == torch.bfloat16 and "training in fp32" not in out
 
 
-def sgd_pair(seed=0):
-    """Two identical small models, with (weights, decay) and (the rest, no decay) groups."""
-    torch.manual_seed(seed)
-    first = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.PReLU(), torch.nn.Linear(5, 3))
-    second = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.PReLU(), torch.nn.Linear(5, 3))
-    second.load_state_dict(first.state_dict())
-
-    def groups(model):
-        return [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 5e-3},
-                {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-    return first, second, groups
-
-
-def sgd_steps(model, optimizer, steps, seed):
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(8, 6, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
-        optimizer.step()
-
-
-def test_nesterov_sgd_is_torch_sgd_step_for_step_and_in_its_checkpoints():
-    ours_model, torch_model, groups = sgd_pair()
-    ours = train.NesterovSGD(groups(ours_model), lr=0.1, momentum=0.9)
-    reference = torch.optim.SGD(groups(torch_model), lr=0.1, momentum=0.9, nesterov=True)
-    sgd_steps(ours_model, ours, 5, seed=1)
-    sgd_steps(torch_model, reference, 5, seed=1)
-    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
-        assert torch.equal(a, b)
-    # Checkpoints cross over both ways (old runs saved torch's), and the runs stay identical.
-    saved_ours, saved_torch = ours.state_dict(), reference.state_dict()
-    assert saved_ours["state"].keys() == saved_torch["state"].keys()
-    ours.load_state_dict(saved_torch)
-    reference.load_state_dict(saved_ours)
-    sgd_steps(ours_model, ours, 3, seed=2)
-    sgd_steps(torch_model, reference, 3, seed=2)
-    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
-        assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="does not match"):
-        train.NesterovSGD(groups(ours_model)[:1], lr=0.1).load_state_dict(saved_torch)
-
-
-def test_a_default_run_never_imports_torch_dynamo(tiny_csv, tmp_path):
-    """torch.optim imports torch._dynamo on first use (1.1 s on the dev CPU): the default run
-    (SGD) must not, or it cannot reach its first step within 2 s."""
-    script = ("import sys, run; code = run.main(sys.argv[1:]); "
-              "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo', code)")
-    result = subprocess.run([sys.executable, "-c", script, *run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2",
-                                                                     "--epoch_num", "1")],
-                            cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert result.stdout.strip().splitlines()[-1] == "no dynamo 0", result.stdout[-500:] + result.stderr[-500:]
-
-
-def test_nesterov_sgd_works_under_a_grad_scaler():
-    """fp16 training on older GPUs steps the optimiser through torch.amp.GradScaler."""
-    ours_model, torch_model, groups = sgd_pair()
-    ours = train.NesterovSGD(groups(ours_model), lr=0.1)
-    reference = torch.optim.SGD(groups(torch_model), lr=0.1, momentum=0.9, nesterov=True)
-    for model, optimizer in ((ours_model, ours), (torch_model, reference)):
-        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-        for _ in range(3):
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(model(torch.ones(4, 6)).square().mean()).backward()
-            scaler.step(optimizer)
-            scaler.update()
-    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
-        assert torch.allclose(a, b)

@@ -1,0 +1,160 @@
+"""Checkpoints in one place: what a file holds, writing and reading it safely, the model inside,
+and the small inference-only export.
+
+A training checkpoint holds what resuming needs: the weights and their moving average, the
+optimiser (and loss scaler) state, the train.TrainState, the RNG states, and the run's name and
+arguments. Nothing in it says where to write: a resumed run writes where the command that
+resumes it says. Files are read with torch.load(weights_only=True): tensors and plain values
+only, so a file cannot run code.
+"""
+import dataclasses
+import glob
+import os
+import pickle
+
+import torch
+
+from models import MODEL_NAMES, FerNet
+from train import TrainState
+from utils import EMOTIONS, UserError, save_torch
+
+FORMAT = 2  # 1: before the TrainState (still read: the shipped exports and older runs)
+EXPORT = "export"  # the `kind` of an inference-only file
+
+
+def training_checkpoint(kind, model_name, model, optimizer, state, args, run_name, rng, *,
+                        scaler=None, ema=None, pretrained_used=False, dataset=None, world_size=1):
+    """The dict saved as <model>_best.pth / <model>_last.pth."""
+    return {
+        "format_version": FORMAT, "kind": kind, "model_name": model_name,
+        "class_names": list(EMOTIONS), "model_state": model.state_dict(),
+        # The averaged weights are the ones validated, selected and shipped (see model_weights).
+        "ema_state": ema.module.state_dict() if ema is not None else None,
+        "ema_updates": int(ema.n_averaged) if ema is not None else 0,
+        "optimizer_state": optimizer.state_dict(),
+        "scaler_state": scaler.state_dict() if scaler is not None else None,
+        "train_state": dataclasses.asdict(state), "rng": rng, "args": dict(vars(args)),
+        "run_name": run_name, "pretrained_used": pretrained_used, "dataset": dataset,
+        "world_size": world_size}
+
+
+def save(ckpt, path):
+    """Write a checkpoint atomically; weights that are not finite (a diverged run) are refused,
+    so they never replace a good file."""
+    for name in ("model_state", "ema_state"):
+        weights = ckpt.get(name) or {}
+        if not all(v.isfinite().all() for v in weights.values() if v.is_floating_point()):
+            raise UserError(f"the weights are no longer finite numbers (training diverged), so they "
+                            f"were not written to {path}; the checkpoints already in "
+                            f"{os.path.dirname(os.path.abspath(path))} are the last good ones")
+    save_torch(ckpt, path)
+
+
+def _upgrade(ckpt):
+    """A format-1 file in today's layout: the run's progress becomes a train_state; its partial
+    training sums and the output folder it named are dropped."""
+    if "step" in ckpt and "stopper" in ckpt:
+        stopper = ckpt["stopper"]
+        ckpt["train_state"] = {"step": ckpt["step"], "best_score": stopper.get("best"),
+                               "bad_validations": stopper.get("bad", 0),
+                               "lr_factor": ckpt.get("lr_factor", 1.0),
+                               "elapsed": ckpt.get("elapsed", 0.0),
+                               "history": list(ckpt.get("history", []))}
+    for key in ("stopper", "running", "out_dir", "step", "lr_factor", "elapsed"):
+        ckpt.pop(key, None)
+    ckpt["format_version"] = FORMAT
+    return ckpt
+
+
+def load(path):
+    """Load one of our checkpoints safely; anything else is a UserError that says what it is."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint file at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "unsupported global" in str(err).lower():  # a pickle that names code to call
+            raise UserError(f"{path} contains code or Python objects that this tool will not load "
+                            "(it reads only tensors and plain values).") from err
+        raise UserError(f"{path} is damaged or is not a PyTorch file.") from err
+    except Exception as err:  # truncated, corrupt, not a zip archive
+        raise UserError(f"{path} is damaged or is not a PyTorch file ({type(err).__name__}).") from err
+    if not isinstance(ckpt, dict) or "model_state" not in ckpt or "model_name" not in ckpt:
+        raise UserError(f"{path} is a PyTorch file but not a checkpoint of this tool")
+    version = ckpt.get("format_version")
+    if version not in (1, FORMAT):
+        newer = isinstance(version, int) and version > FORMAT
+        raise UserError(f"{path} has checkpoint format {version!r}; this version of the tool reads "
+                        f"formats 1-{FORMAT}" + (" (it was written by a newer version; update the "
+                                                 "tool)" if newer else ""))
+    names = ckpt.get("class_names", list(EMOTIONS))
+    if not isinstance(names, (list, tuple)) or list(names) != list(EMOTIONS):
+        raise UserError(f"{path} names its classes {str(names)[:200]}; this tool's classes are "
+                        f"{', '.join(EMOTIONS)}, so the file is refused")
+    return _upgrade(ckpt) if version == 1 else ckpt
+
+
+def train_state(ckpt, path):
+    """The TrainState saved in a training checkpoint; an inference-only file is a UserError that
+    shows how to fine-tune from it instead."""
+    if "train_state" not in ckpt or ckpt.get("kind") == EXPORT:
+        raise UserError(f"{path} is an inference-only file (no optimiser or progress), so there is "
+                        f"no run to resume; to train further from its weights start a new run: "
+                        f"python3 run.py -m {ckpt['model_name']} --init_from {path}")
+    fields = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in ckpt["train_state"].items() if k in fields})
+
+
+def model_weights(ckpt):
+    """The weights that were validated: the moving average when the run kept one."""
+    return ckpt["ema_state"] if ckpt.get("ema_state") is not None else ckpt.get("model_state")
+
+
+def build_model(ckpt, device="cpu", source=None):
+    """Rebuild the model a checkpoint holds (its name and normalisation come from the file), in
+    eval mode; fp16-stored weights are fine. Unknown names or weights that do not fit raise
+    UserError."""
+    where = f"{source}: " if source else ""
+    name = ckpt.get("model_name")
+    if name not in MODEL_NAMES:
+        raise UserError(f"{where}the checkpoint holds a model named {name!r}, which this version of "
+                        f"the tool does not know; known models: {', '.join(MODEL_NAMES)}")
+    state = model_weights(ckpt)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{where}the checkpoint's model_state is not a set of weights")
+    model = FerNet(name)
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as err:
+        first = str(err).splitlines()[0][:300]
+        raise UserError(f"{where}the weights in the checkpoint do not fit a {name} ({first})") from err
+    return model.to(device).eval()
+
+
+def resolve(path):
+    """A checkpoint file; a run folder holding exactly one *_best.pth stands for that file."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path
+    best = sorted(glob.glob(os.path.join(path, "*_best.pth")))
+    if len(best) == 1:
+        return best[0]
+    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*.pth")))
+    raise UserError(f"{path} is a folder; pass a checkpoint file" +
+                    (f" (it holds {', '.join(found)})" if found else " (it holds no .pth files)"))
+
+
+def export(path, destination):
+    """An inference-only copy: the validated weights in fp16 and the run's description."""
+    ckpt = load(path)
+    build_model(ckpt, source=path)  # refuse to export what could not be loaded
+    keep = ("model_name", "class_names", "pretrained_used", "args", "run_name", "dataset")
+    small = {k: ckpt[k] for k in keep if k in ckpt}
+    if "train_state" in ckpt:
+        small["history"] = ckpt["train_state"]["history"]
+        small["step"] = ckpt["train_state"]["step"]
+    small.update(format_version=FORMAT, kind=EXPORT, model_state={
+        k: v.half() if v.is_floating_point() else v for k, v in model_weights(ckpt).items()})
+    save_torch(small, destination)
+    return destination
