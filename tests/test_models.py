@@ -42,8 +42,12 @@ def test_prefix_matches_torchvision_vgg11_bn_layout():
 
 
 def test_inverted_residual_adds_input_only_when_shapes_match():
-    assert models.InvertedResidual(8, 16, 8).residual
-    assert not models.InvertedResidual(8, 16, 12).residual
+    x = torch.randn(2, 8, 6, 6)
+    same = models.InvertedResidual(8, 16, 8).eval()
+    assert torch.allclose(same(x), x + same.block(x))  # the skip connection is there
+    grown = models.InvertedResidual(8, 16, 12).eval()
+    assert grown(x).shape == (2, 12, 6, 6)
+    assert torch.allclose(grown(x), grown.block(x))  # no skip when the shapes differ
 
 
 def test_unknown_model_is_a_clear_error():

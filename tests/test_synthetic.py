@@ -19,9 +19,10 @@ def data():
     return synthetic.make_synthetic(*SIZES, seed=0)
 
 
-def test_constants():
-    assert synthetic.EMOTIONS == ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
-    assert sum(synthetic.FER_TRAIN_COUNTS) == 28709
+def test_class_proportions_follow_fer2013_training():
+    assert sum(synthetic.FER_TRAIN_COUNTS) == 28709  # FER2013's Training split, per class
+    share = np.asarray(synthetic._allocate(2000)) / 2000
+    assert np.allclose(share, np.array(synthetic.FER_TRAIN_COUNTS) / 28709, atol=0.01)
 
 
 def test_shapes_dtypes_and_range(data):
