@@ -8,18 +8,19 @@ The CSV has a header `emotion,pixels,Usage` (the competition's icml_face_data.cs
 48x48 face, and the split. Plain, .gz, .xz and .zip files are read. The decoded arrays are cached
 (keyed on the file's path, size and modification time), so only the first start pays the parse.
 """
-import argparse
 import hashlib
 import io
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from utils import DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, UserError, atomic_write, save_figure
+from utils import (DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, Parser, UserError, atomic_write, clip,
+                   flag, save_figure)
 
 USAGES = tuple(SPLITS.values())
 PIXELS = SIDE * SIDE
@@ -156,18 +157,25 @@ def _decode_pixels(pixel_strings, chunk=512):
 
 
 def _read_table(path):
+    import gzip
+    import lzma
+    import zipfile
+    import zlib
     import pandas as pd
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, compression="infer")
+    except (zlib.error, lzma.LZMAError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError) as err:
+        raise UserError(f"{path} is damaged: it could not be decompressed ({type(err).__name__}: "
+                        f"{clip(err, 200)}); copy or download it again.") from err
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError,
-            OSError, EOFError) as err:
-        raise UserError(f"{path} could not be read as a CSV ({type(err).__name__}: {err}). "
-                        f"{WHERE_TO_GET}") from err
+            OSError) as err:
+        raise UserError(f"{path} could not be read as a CSV ({type(err).__name__}: "
+                        f"{clip(err, 200)}). {WHERE_TO_GET}") from err
     table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in ("emotion", "pixels", "Usage") if c not in table.columns]
     if missing:
         raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; a FER2013 CSV has the "
-                        f"header emotion,pixels,Usage (found: {', '.join(table.columns)}).")
+                        f"header emotion,pixels,Usage (found: {clip(', '.join(table.columns), 200)}).")
     return table
 
 
@@ -285,27 +293,28 @@ def plot_class_distribution(counts, path):
     save_figure(fig, path)
 
 
-def report_classes(data, out_dir):
-    """Print the per-split class table and save the bar chart; returns the chart's path."""
-    counts = class_counts(data)
-    print(class_table(counts))
-    chart = os.path.join(out_dir, "class_distribution.png")
-    plot_class_distribution(counts, chart)
-    return chart
-
-
 def main(argv):
-    parser = argparse.ArgumentParser(description="Load FER2013 and show its class distribution.")
-    parser.add_argument("-d", "--dataset", default=DEFAULT_CSV, help="CSV path, or 'synthetic'")
-    parser.add_argument("-o", "--output", default="./outputs", help="folder for the bar chart")
-    parser.add_argument("--skip-bad-rows", "--skip_bad_rows", action="store_true",
-                        help="drop malformed rows (with a warning that counts them)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = Parser(prog="dataset.py", description="Check a FER2013 file: its rows, splits and classes.")
+    flag(parser, "-d", "--dataset", default=DEFAULT_CSV,
+         help="CSV path, or 'synthetic' (default: %(default)s)")
+    flag(parser, "--chart", metavar="PNG", help="also draw the class distribution into this file")
+    flag(parser, "--skip_bad_rows", action="store_true",
+         help="drop malformed rows (with a warning that counts them)")
+    flag(parser, "--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     data = load_fer2013(args.dataset, args.skip_bad_rows)
-    print(f"chart: {report_classes(data, args.output)}")
+    counts = class_counts(data)
+    print(class_table(counts))
+    missing = [usage for usage in USAGES if usage not in counts]
+    if missing:
+        print(f"warning: {data.source} has no {' and no '.join(missing)} rows: run.py needs "
+              "Training, PublicTest and PrivateTest", file=sys.stderr)
+    if args.chart:
+        plot_class_distribution(counts, args.chart)
+        print(f"chart: {args.chart}")
+    return 1 if missing else 0
 
 
 if __name__ == "__main__":
     from utils import run_cli
-    run_cli(main)
+    sys.exit(run_cli(main))

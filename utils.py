@@ -34,7 +34,7 @@ def run_cli(main, argv=None):
     except UserError as err:
         if debug:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {clip(err, 2000)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -42,9 +42,15 @@ def run_cli(main, argv=None):
     except Exception as err:  # a bug or an unexpected environment: short message, traceback on demand
         if debug:
             raise
-        print(f"error: {type(err).__name__}: {err}\n(run again with --debug for the traceback)",
+        print(f"error: {type(err).__name__}: {clip(err, 2000)}\n(run again with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(1)
+
+
+def clip(text, limit=300):
+    """Quoted input in a message: at most `limit` characters (a bad file's line can be 50 MB)."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters in all)"
 
 
 class Parser(argparse.ArgumentParser):

@@ -164,7 +164,7 @@ def test_empty_or_garbage_file(tmp_path, content):
 
 def test_command_line_gives_one_message_and_exit_2(tmp_path):
     path = corrupt(tmp_path, 2, "pixels", lambda p: "1 2 3")
-    result = subprocess.run([sys.executable, "dataset.py", "-d", path, "-o", str(tmp_path)],
+    result = subprocess.run([sys.executable, "dataset.py", "-d", path],
                             cwd=ROOT, capture_output=True, text=True,
                             env=dict(os.environ, FER_CACHE_DIR=str(tmp_path / "cache")))
     assert result.returncode == 2
@@ -202,10 +202,49 @@ def test_unwritable_cache_only_warns(tmp_path):
     assert len(data.labels) == 9 and any("could not cache" in m for m in messages)
 
 
-def test_class_table_and_chart(tmp_path, capsys):
+def test_class_table_and_chart_only_when_asked(tmp_path, capsys, monkeypatch):
     images, labels, usage = make_rows()
-    data = load(write(tmp_path / "f.csv", csv_text(images, labels, usage)))
-    chart = dataset.report_classes(data, str(tmp_path / "out"))
-    table = capsys.readouterr().out
-    assert "| Training | 3 | 1 | 1 | 1 | 0 | 0 | 0 | 0 |" in table
-    assert os.path.getsize(chart) > 1000
+    path = write(tmp_path / "f.csv", csv_text(images, labels, usage))
+    monkeypatch.chdir(tmp_path)
+    assert dataset.main(["-d", path]) == 0
+    assert "| Training | 3 | 1 | 1 | 1 | 0 | 0 | 0 | 0 |" in capsys.readouterr().out
+    assert not list(tmp_path.rglob("*.png"))  # checking a file writes nothing
+    assert dataset.main(["-d", path, "--chart", str(tmp_path / "classes.png")]) == 0
+    assert os.path.getsize(tmp_path / "classes.png") > 1000
+
+
+def test_a_file_without_a_split_that_training_needs_is_named(tmp_path, capsys):
+    images, labels, usage = make_rows()
+    keep = usage != "PublicTest"
+    path = write(tmp_path / "f.csv", csv_text(images[keep], labels[keep], usage[keep]))
+    assert dataset.main(["-d", path]) == 1
+    assert "has no PublicTest rows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".csv.gz", ".csv.xz", ".zip"])
+def test_a_damaged_compressed_file_is_named_and_exits_2(tmp_path, suffix):
+    images, labels, usage = make_rows()
+    text = csv_text(images, labels, usage).encode()
+    path = tmp_path / f"fer{suffix}"
+    if suffix == ".zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("fer.csv", text)
+    else:
+        path.write_bytes((gzip.compress if suffix == ".csv.gz" else lzma.compress)(text))
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)  # a damaged stretch in the compressed stream
+    path.write_bytes(bytes(data))
+    result = subprocess.run([sys.executable, "dataset.py", "-d", str(path)], cwd=ROOT,
+                            capture_output=True, text=True,
+                            env=dict(os.environ, FER_CACHE_DIR=str(tmp_path / "cache")))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {path} is damaged") and "Traceback" not in result.stderr
+
+
+def test_a_huge_line_is_not_echoed_whole(tmp_path):
+    path = tmp_path / "one-line.csv"
+    path.write_text("x" * 5_000_000)  # one 5 MB line, no newline: a header of one odd column
+    with pytest.raises(UserError) as err:
+        load(path)
+    assert len(str(err.value)) < 2000

@@ -185,3 +185,95 @@ def test_disk_full_mid_run_keeps_the_best_checkpoint(tiny_csv, tmp_path, monkeyp
     assert best["train_state"]["step"] == 4  # written by the first validation, still whole
     assert not list(folder.glob(".tmp-*"))
     assert sorted(os.listdir(tmp_path / "ckpt" / "r")) == ["vgg2_0_2_best.pth", "vgg2_0_2_last.pth"]
+
+
+# ----------------------------------------------------------------------------- run folders
+
+def quick_run(csv, tmp_path, *extra):
+    return ["-d", csv, "-m", "vgg2_0_2", "--epoch_num", "1", "--batch_size", "64",
+            "--pretrained", "no", "--num_save", "0", "--run_name", "r",
+            "--checkpoint_dir", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"), *extra]
+
+
+def exit_code_and_err(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(run.main, argv)
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_a_run_folder_in_use_is_refused(tiny_csv, tmp_path, capsys):
+    folder = tmp_path / "ckpt" / "r"
+    folder.mkdir(parents=True)
+    (folder / ".lock").write_text(f"{os.getpid()}\n")  # a live process holds it
+    code, err = exit_code_and_err(quick_run(tiny_csv, tmp_path), capsys)
+    assert code == 2 and f"another run (process {os.getpid()}) is using {folder}" in err
+    assert not list(folder.glob("*.pth")) and (folder / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_a_new_run_never_replaces_an_earlier_runs_checkpoints(tiny_csv, tmp_path, capsys):
+    assert run.main(quick_run(tiny_csv, tmp_path)) == 0
+    best = tmp_path / "ckpt" / "r" / "vgg2_0_2_best.pth"
+    before = best.read_bytes()
+    code, err = exit_code_and_err(quick_run(tiny_csv, tmp_path), capsys)
+    assert code == 2 and "already holds a run" in err
+    assert f"python3 run.py --checkpoint {tmp_path / 'ckpt' / 'r' / 'vgg2_0_2_last.pth'}" in err
+    assert best.read_bytes() == before
+
+
+def test_outputs_follow_the_umask(tiny_csv, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert run.main(quick_run(tiny_csv, tmp_path)) == 0
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "ckpt/r/vgg2_0_2_best.pth", tmp_path / "out/r/args.json",
+                 tmp_path / "out/r/test/metrics.json", tmp_path / "out/r/curves.png"]:
+        assert os.stat(path).st_mode & 0o777 == 0o644, path
+
+
+def test_resume_writes_where_the_command_says_never_where_the_file_says(tiny_csv, tmp_path):
+    assert run.main(quick_run(tiny_csv, tmp_path, "--epoch_num", "2")) == 0
+    last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["out_dir"] = str(tmp_path / "elsewhere")  # a hostile or stale path inside the file
+    ckpt["train_state"]["step"] = 4  # resume into the second epoch
+    torch.save(ckpt, last)
+    (last.parent / ".tmp-stale-vgg2_0_2_last.pth").write_bytes(b"left by a killed save")
+    assert run.main(["--checkpoint", str(last.parent), "-o", str(tmp_path / "new_out")]) == 0
+    assert not (tmp_path / "elsewhere").exists()
+    assert (tmp_path / "new_out" / "r" / "history.json").exists()
+    assert not list(last.parent.glob(".tmp-*"))  # stale temporary files of dead processes removed
+
+
+def test_resuming_an_inference_only_export_shows_the_fine_tuning_command(tiny_csv, tmp_path, capsys):
+    import checkpoint
+    assert run.main(quick_run(tiny_csv, tmp_path)) == 0
+    small = checkpoint.export(tmp_path / "ckpt/r/vgg2_0_2_best.pth", tmp_path / "small.pth")
+    code, err = exit_code_and_err(["--checkpoint", str(small)], capsys)
+    assert code == 2 and "inference-only" in err
+    assert f"python3 run.py -m vgg2_0_2 --init_from {small}" in err
+
+
+def test_diverged_weights_are_never_saved_even_on_ctrl_c(tiny_csv, tmp_path, monkeypatch, capsys):
+    """The loss turns NaN after the first validation (step 4); a Ctrl-C at step 6 (before the
+    next finiteness check) must not write the NaN weights over the good `last` checkpoint."""
+    real_generator, real_augment = train.batch_generator, train.augment
+    step = {"n": 0}
+
+    def counting(seed, epoch, batch):
+        step["n"] = epoch * 8 + batch
+        if step["n"] == 6:
+            signal.raise_signal(signal.SIGINT)
+        return real_generator(seed, epoch, batch)
+
+    def poisoned(images, generator, **kwargs):
+        x = real_augment(images, generator, **kwargs)
+        return x * float("nan") if step["n"] >= 4 else x
+    monkeypatch.setattr(train, "batch_generator", counting)
+    monkeypatch.setattr(train, "augment", poisoned)
+    code, err = exit_code_and_err(quick_run(tiny_csv, tmp_path, "--epoch_num", "3", "--batch_size", "32",
+                                            "--num_iter_to_validate", "4"), capsys)
+    assert code == 2 and "no longer finite" in err and "last good" in err
+    last = torch.load(tmp_path / "ckpt/r/vgg2_0_2_last.pth", weights_only=True)
+    assert last["train_state"]["step"] == 4
+    assert all(v.isfinite().all() for v in last["model_state"].values() if v.is_floating_point())
