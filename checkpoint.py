@@ -132,14 +132,14 @@ def build_model(ckpt, device="cpu", source=None):
     return model.to(device).eval()
 
 
-def resolve(path):
-    """A checkpoint file; a run folder holding exactly one *_best.pth stands for that file."""
+def resolve(path, kind="best"):
+    """A checkpoint file; a run folder holding exactly one *_<kind>.pth stands for that file."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         return path
-    best = sorted(glob.glob(os.path.join(path, "*_best.pth")))
-    if len(best) == 1:
-        return best[0]
+    found = sorted(glob.glob(os.path.join(path, f"*_{kind}.pth")))
+    if len(found) == 1:
+        return found[0]
     found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*.pth")))
     raise UserError(f"{path} is a folder; pass a checkpoint file" +
                     (f" (it holds {', '.join(found)})" if found else " (it holds no .pth files)"))

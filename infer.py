@@ -37,8 +37,8 @@ import torch.nn.functional as F
 import checkpoint
 import dataset
 import photos
-from utils import (DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, Parser, UserError, amp_dtype_for,
-                   atomic_write, check_writable, eval_batch_size, flag, reuse_freed_memory, run_cli,
+from utils import (DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, Parser, UserError, autocast_dtype,
+                   atomic_write, check_writable, device_flags, eval_batch_size, flag, reuse_freed_memory, run_cli,
                    save_figure, save_json, select_device)
 
 TTA_MODES = ("none", "flip", "tencrop")
@@ -380,11 +380,7 @@ def get_args_parser():
          help="output folder (default: outputs/infer/<checkpoint folder>/<checkpoint name>)")
     flag(p, "--batch_size", type=int, default=None,
          help="faces per batch (default: 64 on a CPU, 512 on a GPU)")
-    flag(p, "--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-         help="auto: CUDA, then Apple MPS, then CPU (default: auto)")
-    flag(p, "--amp", action="store_true",
-         help="mixed precision: bf16 on GPUs and CPUs that compute it natively (about 2x faster on "
-              "such a CPU), fp16 on older GPUs; accuracy within ~0.1 point")
+    device_flags(p)
     flag(p, "--num_save", type=int, default=16,
          help="faces of the split saved as images and shown in the grid (default: 16)")
     flag(p, "--tta", choices=TTA_MODES, default="none",
@@ -443,7 +439,7 @@ def main(argv=None):
         data = dataset.load_fer2013(training_data(paths, args.dataset), args.skip_bad_rows)
     out_dir = args.output or default_output_dir(paths, images=data is None)
     check_writable(out_dir)
-    amp_dtype = amp_dtype_for(device) if args.amp else None
+    amp_dtype = autocast_dtype(args.amp, device)
     print(f"loaded {_describe(paths)}: {', '.join(m.name for m in models)} on {device.type}"
           + (f", {str(amp_dtype).split('.')[-1]} autocast" if amp_dtype else ""))
     if args.amp and amp_dtype is None:

@@ -7,6 +7,7 @@ Every model starts with the first two convolutional blocks of torchvision's VGG1
 load into it without building the full 130M-parameter network. A small spec table says what
 follows the prefix; one constructor builds every variant from it.
 """
+import os
 import sys
 
 import torch
@@ -146,7 +147,12 @@ def imagenet_prefix_state():
 
     Raises OSError-like errors when they cannot be had (offline and not cached)."""
     from torchvision.models import VGG11_BN_Weights
-    state = VGG11_BN_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    weights = VGG11_BN_Weights.IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if not os.path.exists(cached):  # say what a download costs before it starts
+        print(f"downloading the VGG11-BN ImageNet weights ({weights.meta['_file_size']:.0f} MB, once, "
+              f"into {os.path.dirname(cached)}; the model uses their first 7 layers)", file=sys.stderr)
+    state = weights.get_state_dict(progress=not os.path.exists(cached))
     prefix = {k[len("features."):]: v for k, v in state.items()
               if k.startswith("features.") and int(k.split(".")[1]) < 7}
     return prefix
