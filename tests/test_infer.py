@@ -264,12 +264,12 @@ def test_cli_amp_computes_in_bf16_close_to_fp32(ckpts, tmp_path, monkeypatch, ca
     monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
     csv = synthetic.write_synthetic_csv(tmp_path / "faces.csv", 14, 7, 64, seed=6)
     losses = {}
-    for flags in ([], ["--amp"]):
-        out = tmp_path / ("amp" if flags else "fp32")
+    for flags in (["--no-amp"], ["--amp"]):
+        out = tmp_path / flags[0][2:]
         code, stdout, err = run_cli(["-c", ckpts["a"], "-d", csv, "-o", str(out), "--num_save", "0",
                                      "--device", "cpu", *flags], capsys)
         assert code == 0, err
-        losses[bool(flags)] = json.loads((out / "metrics.json").read_text())["loss"]
+        losses[flags == ["--amp"]] = json.loads((out / "metrics.json").read_text())["loss"]
     if utils.amp_dtype_for(torch.device("cpu")) is None:
         assert "computing in fp32" in stdout and losses[True] == losses[False]
     else:
@@ -515,3 +515,17 @@ def test_export_writes_a_small_fp16_checkpoint_that_predicts_the_same(tmp_path):
     full = infer.predict([model], faces)
     half = infer.predict([checkpoint.build_model(ckpt)], faces)
     assert np.abs(full - half).max() < 2e-2 and (full.argmax(1) == half.argmax(1)).mean() > 0.9
+
+
+def test_without_d_the_data_set_the_checkpoint_was_trained_on_is_used(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    csv = synthetic.write_synthetic_csv(tmp_path / "faces.csv", 14, 7, 21, seed=5)
+    trained = save_checkpoint(tmp_path / "a.pth", random_model(0), dataset=str(csv))
+    code, stdout, err = run_cli(["-c", trained, "-o", str(tmp_path / "out"), "--num_save", "0"], capsys)
+    assert code == 0, err
+    assert f"evaluating on {csv}" in stdout
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n"] == 21
+    gone = save_checkpoint(tmp_path / "b.pth", random_model(0), dataset=str(tmp_path / "moved.csv"))
+    code, stdout, err = run_cli(["-c", gone, "-o", str(tmp_path / "out2")], capsys)
+    assert code == 2 and f"was trained on {tmp_path / 'moved.csv'}, which is not there any more" in stdout
+    assert "data/fer2013.csv" in err

@@ -300,3 +300,27 @@ def test_amp_on_a_cpu_trains_in_bf16_when_the_cpu_has_it(tiny_csv, tmp_path, cap
         assert dtype == torch.bfloat16 and "training in fp32" not in out
 
 
+
+
+def test_a_failed_start_leaves_no_folders_behind(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(run.main, run_args(str(tmp_path / "none.csv"), tmp_path))
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists()
+
+
+def test_resuming_with_another_epoch_count_says_the_schedule_changes(tiny_csv, tmp_path, capsys):
+    assert run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "1")) == 0
+    last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    assert run.main(["--checkpoint", str(last), "--epoch_num", "2", "-o", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "--epoch_num 2 (the run was planned for 1)" in out and "learning rate jumps" in out
+
+
+def test_synthetic_data_gets_its_own_defaults_unless_typed():
+    parser = run.get_args_parser()
+    args, _, _ = run.resolve_run(parser, ["-d", "synthetic"])
+    assert args.epoch_num == run.SYNTHETIC_DEFAULTS["epoch_num"] and args.erase_p == 0
+    args, _, _ = run.resolve_run(parser, ["-d", "synthetic", "--erase_p", "0.3", "--epochs", "2"])
+    assert args.erase_p == 0.3 and args.epoch_num == 2
+    args, _, _ = run.resolve_run(parser, ["-d", "fer.csv"])
+    assert args.epoch_num == 50 and args.erase_p == 0.5
