@@ -4,6 +4,8 @@
     python3 infer.py --checkpoint checkpoint/RUN/vgg2_4_2_conv3_best.pth -d data/fer2013.csv --tta tencrop
     python3 infer.py --checkpoint run1/vgg2_2_2_best.pth run2/vgg2_0_2_best.pth -d data/fer2013.csv
     python3 infer.py --checkpoint checkpoint/RUN/vgg2_0_2_best.pth --images photos/ me.jpg
+    python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv3.pth --video interview.mp4 clips/
+    python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv3.pth --video 0   # a camera, until Ctrl-C
 
 The model name (and its input normalisation) comes from the checkpoint file. Several checkpoints
 make an ensemble: their class probabilities are averaged.
@@ -23,6 +25,10 @@ With `--tta flip|tencrop` the result without TTA is computed too: metrics.json k
 With `--images PATH [PATH ...]` (files or folders, searched recursively) faces are found with
 OpenCV's Haar cascade (`--no-detect`: each image is one already-cropped face), classified, and
 written as annotated copies under <output>/annotated/ plus faces.csv and faces.json.
+
+With `--video PATH|INDEX [...]` (files, folders of videos, or camera numbers) each video gets its
+own folder <output>/<video name>/ with frames.csv (one row per face per analysed frame, written
+as it goes), annotated.mp4, timeline.png and summary.json (see photos.classify_video).
 """
 import math
 import os
@@ -351,16 +357,17 @@ def report(checkpoint_paths, images, labels, out_dir, tta="none", num_save=16, b
 
 # ----------------------------------------------------------------------------- command line
 
-def default_output_dir(paths, images=False):
+def default_output_dir(paths, images=False, kind="photos"):
     """outputs/infer/<checkpoint's folder>/<checkpoint name> (ensembles: outputs/infer/ensemble/
-    a+b); photos go to a photos_<time> folder inside it, so each call keeps its own results."""
+    a+b); photos and videos go to a photos_<time> or video_<time> folder inside it (`kind`), so
+    each call keeps its own results."""
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     if len(paths) == 1:
         parent = os.path.basename(os.path.dirname(os.path.abspath(paths[0])))
         folder = os.path.join("outputs", "infer", parent, stems[0])
     else:
         folder = os.path.join("outputs", "infer", "ensemble", "+".join(stems)[:120])
-    return os.path.join(folder, time.strftime("photos_%Y%m%d-%H%M%S")) if images else folder
+    return os.path.join(folder, time.strftime(f"{kind}_%Y%m%d-%H%M%S")) if images else folder
 
 
 def get_args_parser():
@@ -390,6 +397,20 @@ def get_args_parser():
          help="photos or folders of photos to classify (every format OpenCV reads)")
     flag(p, "--no_detect", dest="detect", action="store_false",
          help="with --images: each image is one already-cropped face (no face detection)")
+    flag(p, "--video", nargs="+", metavar="PATH|INDEX",
+         help="video files, folders of videos, or camera numbers (0: the first camera, until "
+              "Ctrl-C): per-frame emotions of tracked faces, an annotated video, a timeline")
+    flag(p, "--every", type=int, default=1, metavar="N",
+         help="with --video: analyse every N-th frame (default: 1, all)")
+    flag(p, "--detect_every", type=int, default=photos.DETECT_EVERY, metavar="K",
+         help="with --video: look for faces on every K-th analysed frame, the tracker carries the "
+              f"boxes in between (default: {photos.DETECT_EVERY}; 1: detect on every frame)")
+    flag(p, "--no_smooth", dest="smooth", action="store_false",
+         help=f"with --video: label each frame on its own in the annotated video (default: the mean "
+              f"of a track's last {photos.SMOOTH_FRAMES} frames; frames.csv always has raw values)")
+    flag(p, "--show", action="store_true",
+         help="with --video: show the annotated frames in a window (needs OpenCV with GUI support; "
+              "q or Esc there acts as Ctrl-C)")
     flag(p, "--skip_bad_rows", action="store_true",
          help="drop malformed CSV rows (with a warning that counts them)")
     flag(p, "--export", metavar="FILE",
@@ -424,6 +445,10 @@ def main(argv=None):
         parser.error("--batch_size must be at least 1")
     if args.num_save < 0:
         parser.error("--num_save must be >= 0")
+    if args.every < 1 or args.detect_every < 1:
+        parser.error("--every and --detect_every must be at least 1")
+    if args.video is not None and not args.detect:
+        parser.error("--no-detect applies to --images only (video frames are searched for faces)")
     paths = [checkpoint.resolve(p) for p in args.checkpoint]
     if args.export:
         if len(paths) != 1:
@@ -435,9 +460,10 @@ def main(argv=None):
     reuse_freed_memory(device)  # each batch's large activations reuse memory, not fault it in again
     models = load_models(paths, device)
     data = None
-    if args.images is None or args.dataset is not None:
+    if (args.images is None and args.video is None) or args.dataset is not None:
         data = dataset.load_fer2013(training_data(paths, args.dataset), args.skip_bad_rows)
-    out_dir = args.output or default_output_dir(paths, images=data is None)
+    out_dir = args.output or default_output_dir(paths, images=data is None,
+                                                kind="photos" if args.images else "video")
     check_writable(out_dir)
     amp_dtype = autocast_dtype(args.amp, device)
     print(f"loaded {_describe(paths)}: {', '.join(m.name for m in models)} on {device.type}"
@@ -453,6 +479,12 @@ def main(argv=None):
             photos.classify_photos(
                 args.images, lambda faces: predict(models, faces, args.tta, args.batch_size, device),
                 out_dir, args.detect)
+        if args.video is not None:
+            if device.type == "cpu":  # batches of 1-3 faces: a second thread only spins (README
+                torch.set_num_threads(1)  # "Video": 2 against 21 frames/s), OpenCV has the other core
+            photos.classify_videos(
+                args.video, lambda faces: predict(models, faces, args.tta, args.batch_size, device),
+                out_dir, args.every, args.detect_every, args.smooth, args.show)
     return 0
 
 

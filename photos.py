@@ -10,9 +10,13 @@ import sys
 
 import numpy as np
 
-from utils import EMOTIONS, SIDE, UserError, atomic_write, save_json
+from utils import EMOTIONS, SIDE, UserError, atomic_write, save_figure, save_json
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # annotated copies keep these, else .png
+# Everything OpenCV's imread decodes (its documentation's list); in folders these files are taken.
+READ_EXTENSIONS = IMAGE_EXTENSIONS + (".jpe", ".dib", ".jp2", ".avif", ".tif", ".tiff", ".gif",
+                                      ".pbm", ".pgm", ".ppm", ".pxm", ".pnm", ".pfm", ".sr", ".ras",
+                                      ".exr", ".hdr", ".pic")
 MAX_PIXELS = 50_000_000  # larger photos: JPEGs are decoded at 1/2, 1/4 or 1/8 scale, others refused
 MAX_FILE_BYTES = 1 << 30
 DETECT_SIDE = 1280  # faces are searched on a copy of the photo at most this many pixels across
@@ -58,6 +62,8 @@ def read_image(path, max_pixels=None):
         with _no_pil_size_limit(), Image.open(path) as im:
             (w, h), fmt = im.size, im.format
     except UnidentifiedImageError as err:
+        if cv2.haveImageReader(os.fspath(path)):  # a format only OpenCV reads (e.g. HDR, PFM):
+            return _read_with_opencv(path, max_pixels)  # no header check, OpenCV's own cap
         raise Skipped("is not an image this tool can read (or it is corrupt)") from err
     except OSError as err:
         raise Skipped(f"cannot be read ({err.strerror or err})") from err
@@ -87,11 +93,25 @@ def read_image(path, max_pixels=None):
     return image, factor, note
 
 
+def _read_with_opencv(path, max_pixels):
+    """Decode a file PIL cannot identify with OpenCV alone; its size is known only afterwards (OpenCV
+    refuses more than 2**30 pixels itself)."""
+    import cv2
+    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise Skipped("could not be decoded (corrupt or truncated?)")
+    h, w = image.shape[:2]
+    if w * h > max_pixels:
+        raise Skipped(f"is {w}x{h} pixels, above the limit of {max_pixels / 1e6:g} megapixels; refused")
+    return image, 1, None
+
+
 def find_images(paths):
     """Expand files and folders (recursively) into ([(path, output name)], [(path, reason, shown)]).
 
-    Files named explicitly are tried whatever their extension; in folders only files with an
-    image extension (any case) are taken. The second list holds what was passed over; `shown` is
+    Files named explicitly are tried whatever their extension; in folders the files with an
+    extension OpenCV decodes (READ_EXTENSIONS, any case) are taken. The second list holds what
+    was passed over; `shown` is
     False for the files after the first few of a folder that are not images (they are counted,
     not named one by one)."""
     found, skipped, seen = [], [], set()
@@ -111,13 +131,12 @@ def find_images(paths):
                 dirs.sort()
                 for file in sorted(files):
                     path = os.path.join(folder, file)
-                    if not file.lower().endswith(IMAGE_EXTENSIONS):
+                    if not file.lower().endswith(READ_EXTENSIONS):
                         others.append(path)
                     elif os.path.realpath(path) not in seen:
                         seen.add(os.path.realpath(path))
                         found.append((path, os.path.join(root, os.path.relpath(path, given))))
-            kinds = ", ".join(e[1:] for e in IMAGE_EXTENSIONS)
-            skipped += [(path, f"is not an image file ({kinds})", k < SKIPPED_SHOWN)
+            skipped += [(path, "is not an image file (no image extension OpenCV reads)", k < SKIPPED_SHOWN)
                         for k, path in enumerate(others)]
     return found, skipped
 
@@ -138,12 +157,12 @@ def face_detector():
     return cascade
 
 
-def detect_faces(cascade, grey):
+def detect_faces(cascade, grey, side=DETECT_SIDE):
     """Face boxes [(x, y, w, h)] in a grey image, left to right. The search runs on a copy at
-    most DETECT_SIDE pixels across (fast on big photos); boxes are in the full image's pixels."""
+    most `side` pixels across (fast on big photos); boxes are in the full image's pixels."""
     import cv2
     h, w = grey.shape
-    scale = min(1.0, DETECT_SIDE / max(h, w))
+    scale = min(1.0, side / max(h, w))
     small = grey if scale == 1.0 else cv2.resize(
         grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     found = cascade.detectMultiScale(small, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
@@ -168,9 +187,95 @@ def crop_face(grey, box, margin=FACE_MARGIN):
     return cv2.resize(crop, (SIDE, SIDE), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def annotate(image, faces):
-    """Draw a box and 'Emotion 87%' per face [(box, emotion, confidence)] on a BGR image in
-    place; an image without faces gets a 'no face found' note."""
+# One colour per emotion (BGR), for boxes, labels, the legend, the video and the timeline.
+EMOTION_COLOURS = {"Angry": (40, 40, 220), "Disgust": (40, 150, 40), "Fear": (170, 60, 150),
+                   "Happy": (0, 210, 255), "Sad": (200, 120, 30), "Surprise": (0, 140, 255),
+                   "Neutral": (170, 170, 170)}
+FONT_SCALE_MIN = 0.35  # labels are shrunk down to this to fit their box's width, then shortened
+
+
+def text_colour(bgr):
+    """Black on light colours, white on dark ones."""
+    b, g, r = bgr
+    return (0, 0, 0) if 0.114 * b + 0.587 * g + 0.299 * r > 140 else (255, 255, 255)
+
+
+def fit_label(texts, width, scale, thick):
+    """The first of `texts` (longest first) and the font scale at which it fits in `width` pixels,
+    shrinking the scale down to FONT_SCALE_MIN; None when none fits (a box a few pixels wide).
+    Returns (text, scale, label width, label height, baseline)."""
+    import cv2
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for text in texts:
+        (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+        fitted = min(scale, scale * (width - 4) / max(tw, 1))
+        if fitted >= FONT_SCALE_MIN:
+            (tw, th), base = cv2.getTextSize(text, font, fitted, thick)
+            return text, fitted, tw + 4, th + base + 4, base
+    return None
+
+
+def place_labels(boxes, sizes, height):
+    """The top edge of each face's label, or None where no place is free.
+
+    A label spans its box's left edge to its own width (never wider than the box, see fit_label),
+    so it stays in its face's column. Faces are taken top to bottom; each label goes to the free
+    position nearest to just above its box or just below it (ties: above), inside the image and
+    clear of every label placed before. The best position is one of those two, an image edge, or
+    touching a label already placed, so only those are tried."""
+    tops = [None] * len(boxes)
+    placed = []  # (left, right, top, bottom) of the labels placed so far
+    for i in sorted(range(len(boxes)), key=lambda i: (boxes[i][1], boxes[i][0])):
+        if sizes[i] is None:
+            continue
+        (x, y, w, h), (lw, lh) = boxes[i], sizes[i]
+        blockers = [(t, b) for left, right, t, b in placed if left < x + lw and x < right]
+        wanted = (y - lh, y + h)
+        candidates = {*wanted, y, 0, height - lh, *(b for _, b in blockers),
+                      *(t - lh for t, _ in blockers)}
+        free = [t for t in candidates if 0 <= t <= height - lh
+                and all(t + lh <= bt or t >= bb for bt, bb in blockers)]
+        if free:
+            tops[i] = min(free, key=lambda t: (min(abs(t - wanted[0]), abs(t - wanted[1])),
+                                               abs(t - wanted[0])))
+            placed.append((x, x + lw, tops[i], tops[i] + lh))
+    return tops
+
+
+def draw_legend(image, boxes):
+    """The seven emotions and their colours in the corner that covers the fewest faces
+    (bottom right when it makes no difference)."""
+    import cv2
+    height, width = image.shape[:2]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = max(0.35, min(height, width) / 1400)
+    thick = 1
+    (tw, th), base = cv2.getTextSize("Surprise", font, scale, thick)
+    row = th + base + 4
+    lw, lh = tw + th + 14, row * len(EMOTIONS) + 4
+    if lw >= width or lh >= height:
+        return image  # a thumbnail: no room for a legend
+
+    def covered(corner):
+        left, top = corner
+        return sum(max(0, min(left + lw, x + w) - max(left, x)) * max(0, min(top + lh, y + h) - max(top, y))
+                   for x, y, w, h in boxes)
+    corners = [(width - lw, height - lh), (0, height - lh), (width - lw, 0), (0, 0)]
+    left, top = min(corners, key=covered)  # min keeps the first of equals: bottom right
+    cv2.rectangle(image, (left, top), (left + lw - 1, top + lh - 1), (40, 40, 40), -1)
+    for k, name in enumerate(EMOTIONS):
+        y = top + 4 + k * row
+        cv2.rectangle(image, (left + 4, y + 1), (left + 4 + th, y + 1 + th), EMOTION_COLOURS[name], -1)
+        cv2.putText(image, name, (left + th + 10, y + th + 1), font, scale, (255, 255, 255), thick,
+                    cv2.LINE_AA)
+    return image
+
+
+def annotate(image, faces, legend=True):
+    """Draw each face [(box, emotion, confidence) or (box, emotion, confidence, track id)] on a BGR
+    image in place: a box in the emotion's colour and a label '#id Emotion 87%' in the same colour
+    (see place_labels: labels never overlap and stay above, below or inside their own box's
+    column), plus a colour legend; an image without faces gets a 'no face found' note."""
     import cv2
     font = cv2.FONT_HERSHEY_SIMPLEX
     height, width = image.shape[:2]
@@ -181,18 +286,30 @@ def annotate(image, faces):
         cv2.rectangle(image, (0, 0), (tw + 8, th + base + 8), (255, 255, 255), -1)
         cv2.putText(image, "no face found", (4, th + 4), font, scale, (0, 0, 200), thick, cv2.LINE_AA)
         return image
-    for (x, y, w, h), emotion, confidence in faces:
+    boxes, labels = [], []
+    for box, emotion, confidence, *track in faces:
+        x, y, w, h = (int(v) for v in box)
         thick = max(1, round(max(w, h) / 100))
-        scale = max(0.4, min(3.0, w / 160))
-        cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), (0, 200, 0), thick)
-        text = f"{emotion} {confidence:.0%}"
-        (tw, th), base = cv2.getTextSize(text, font, scale, max(1, thick // 2))
-        top = y - th - base - 2 * thick  # the label above the box, or below it at the top edge
-        if top < 0:
-            top = min(height - th - base, y + h)
-        cv2.rectangle(image, (x, top), (x + tw + 4, top + th + base + 4), (0, 200, 0), -1)
-        cv2.putText(image, text, (x + 2, top + th + 2), font, scale, (0, 0, 0), max(1, thick // 2),
-                    cv2.LINE_AA)
+        tag = f"#{track[0]} " if track else ""
+        texts = (f"{tag}{emotion} {confidence:.0%}", f"{tag}{emotion}", f"{tag}{emotion[:3]}",
+                 emotion, emotion[:3])  # the first that fits the box's width
+        boxes.append((x, y, w, h))
+        labels.append((emotion, thick, fit_label(texts, w, max(0.4, min(3.0, w / 160)),
+                                                 max(1, thick // 2))))
+    if legend:
+        draw_legend(image, boxes)
+    tops = place_labels(boxes, [None if fit is None else fit[2:4] for _, _, fit in labels], height)
+    for (x, y, w, h), (emotion, thick, _) in zip(boxes, labels):  # all boxes under all labels
+        cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1),
+                      EMOTION_COLOURS.get(emotion, (0, 200, 0)), thick)
+    for (x, y, w, h), (emotion, thick, fit), top in zip(boxes, labels, tops):
+        if top is None:
+            continue
+        colour = EMOTION_COLOURS.get(emotion, (0, 200, 0))
+        text, scale, lw, lh, base = fit
+        cv2.rectangle(image, (x, top), (x + lw - 1, top + lh - 1), colour, -1)
+        cv2.putText(image, text, (x + 2, top + lh - base - 2), font, scale, text_colour(colour),
+                    max(1, thick // 2), cv2.LINE_AA)
     return image
 
 
@@ -322,3 +439,438 @@ def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print):
     log(f"wrote faces.csv, faces.json and annotated copies to {out_dir}")
     return dict(result, csv=os.path.join(out_dir, "faces.csv"),
                 json=os.path.join(out_dir, "faces.json"), annotated_dir=annotated_dir)
+
+
+# ----------------------------------------------------------------------------- video
+
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv",
+                    ".flv", ".3gp", ".ts", ".mts", ".m2ts", ".ogv")
+VIDEO_DETECT_SIDE = 400  # video frames are searched for faces on a copy this wide (640x480: 0.625x)
+DETECT_EVERY = 3  # detect on every 3rd analysed frame; the tracker carries the boxes in between
+SMOOTH_FRAMES = 5  # the annotation's label: the mean probabilities of a track's last 5 frames
+MAX_MISSED = 5  # a track not re-detected in this many detection rounds ends
+TIMELINE_TRACKS = 8  # the timeline shows at most this many tracks (the longest ones)
+VIDEO_FILES = ("frames.csv", "annotated.mp4", "timeline.png", "summary.json")
+
+
+def frame_columns():
+    return ["video", "frame", "time_s", "track", "x", "y", "w", "h", "emotion", "confidence",
+            *[f"p_{n}" for n in EMOTIONS]]
+
+
+def find_videos(paths):
+    """Expand inputs into ([(source, output name)], [(path, reason)]): a whole number that is not
+    an existing file is a camera index; files are tried whatever their extension; folders give
+    their files with a video extension (recursively)."""
+    found, skipped, seen = [], [], set()
+    for given in map(os.fspath, paths):
+        if given.isdigit() and not os.path.exists(given):
+            found.append((int(given), f"camera{given}"))
+        elif not os.path.exists(given):
+            skipped.append((given, "does not exist (no such file or folder)"))
+        elif not os.path.isdir(given):
+            found.append((given, os.path.splitext(os.path.basename(given))[0]))
+        else:
+            before = len(found)
+            for folder, dirs, files in os.walk(given):
+                dirs.sort()
+                found += [(os.path.join(folder, f), os.path.splitext(f)[0]) for f in sorted(files)
+                          if f.lower().endswith(VIDEO_EXTENSIONS)]
+            if len(found) == before:
+                skipped.append((given, "is a folder without video files ("
+                                + ", ".join(e[1:] for e in VIDEO_EXTENSIONS[:6]) + ", ...)"))
+    unique = []
+    for source, name in found:
+        key = source if isinstance(source, int) else os.path.realpath(source)
+        if key not in seen:
+            seen.add(key)
+            unique.append((source, name))
+    return unique, skipped
+
+
+def open_video(source):
+    """cv2.VideoCapture of a file or a camera index, and (fps, announced frame count or 0).
+    Raises Skipped with the reason when it cannot be opened or holds no frame."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's and OpenCV's warnings off:
+    import cv2  # the reason is said here in one line (read once, before the first video is opened)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    camera = isinstance(source, int)
+    if not camera:
+        try:
+            if os.path.getsize(source) == 0:
+                raise Skipped("is an empty (zero-byte) file")
+        except OSError as err:
+            raise Skipped(f"cannot be read ({err.strerror or err})") from err
+        cap = cv2.VideoCapture(source, cv2.CAP_FFMPEG)
+    else:
+        cap = cv2.VideoCapture(source)
+    if not cap.isOpened():
+        cap.release()
+        raise Skipped("is not a camera that can be opened (no camera with that index?)" if camera
+                      else "could not be opened as a video (not a video file, or corrupt or "
+                           "truncated: an MP4 cut short loses its index)")
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    fps = fps if 0 < fps < 1000 else 30.0
+    count = 0 if camera else max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+    return cap, fps, count
+
+
+def iou(a, b):
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    inter = max(0, min(ax + aw, bx + bw) - max(ax, bx)) * max(0, min(ay + ah, by + bh) - max(ay, by))
+    return inter / (aw * ah + bw * bh - inter) if inter else 0.0
+
+
+class Tracker:
+    """Gives each face a track id that it keeps from frame to frame.
+
+    A detection continues the track whose box (moved on by its speed) it overlaps most (IoU at
+    least 0.3), or whose centre is within 3/4 of a face of its own; matches are taken best first,
+    one detection per track. A track not re-detected in MAX_MISSED detection rounds ends, so a
+    face that leaves and comes back may get a new id. Between detections, `carry` moves the boxes
+    of the tracks seen at the last detection at their speed. Each track also keeps its last
+    `window` probabilities for a steady label (`smoothed`)."""
+
+    def __init__(self, window=SMOOTH_FRAMES):
+        self.tracks = {}  # id -> {"box", "frame", "speed" (dx, dy, dw, dh per frame), "missed", "probs"}
+        self.next_id, self.window = 1, window
+
+    def _at(self, track, frame):
+        step = frame - track["frame"]
+        return tuple(v + s * step for v, s in zip(track["box"], track["speed"]))
+
+    def update(self, boxes, frame):
+        """Match the detections of `frame` (an increasing number) to tracks; their ids in order."""
+        from collections import deque
+        pairs = []
+        for tid, track in self.tracks.items():
+            tx, ty, tw, th = self._at(track, frame)
+            for j, (x, y, w, h) in enumerate(boxes):
+                overlap = iou((tx, ty, tw, th), (x, y, w, h))
+                dist = math.hypot(tx + tw / 2 - x - w / 2, ty + th / 2 - y - h / 2)
+                if overlap >= 0.3 or dist <= 0.75 * max(tw, w):
+                    pairs.append((-overlap, dist, tid, j))
+        ids, taken = [None] * len(boxes), set()
+        for _, _, tid, j in sorted(pairs):
+            if ids[j] is None and tid not in taken:
+                ids[j] = tid
+                taken.add(tid)
+        for j, box in enumerate(boxes):
+            if ids[j] is None:
+                ids[j], self.next_id = self.next_id, self.next_id + 1
+                self.tracks[ids[j]] = {"box": box, "frame": frame, "speed": (0, 0, 0, 0), "missed": 0,
+                                       "probs": deque(maxlen=self.window)}
+            else:
+                track = self.tracks[ids[j]]
+                step = max(1, frame - track["frame"])
+                track["speed"] = tuple((new - old) / step for new, old in zip(box, track["box"]))
+                track.update(box=box, frame=frame, missed=0)
+        for tid in [t for t in self.tracks if t not in taken and self.tracks[t]["frame"] != frame]:
+            self.tracks[tid]["missed"] += 1
+            if self.tracks[tid]["missed"] >= MAX_MISSED:
+                del self.tracks[tid]
+        return ids
+
+    def carry(self, frame, width, height):
+        """(ids, boxes) of the tracks detected at the last detection, moved on to `frame`
+        (clipped to the image; boxes that left it are dropped)."""
+        ids, boxes = [], []
+        for tid, track in self.tracks.items():
+            if track["missed"]:
+                continue
+            x, y, w, h = self._at(track, frame)
+            x0, y0 = max(0, round(x)), max(0, round(y))
+            x1, y1 = min(width, round(x + w)), min(height, round(y + h))
+            if x1 - x0 >= 8 and y1 - y0 >= 8:
+                ids.append(tid)
+                boxes.append((x0, y0, x1 - x0, y1 - y0))
+        return ids, boxes
+
+    def smoothed(self, tid, probs):
+        """Add a track's probabilities; the mean over its last `window` frames."""
+        history = self.tracks[tid]["probs"]
+        history.append(probs)
+        return np.mean(history, axis=0)
+
+
+def face_boxes(tracker, cascade, grey, frame, detect_every=DETECT_EVERY, side=VIDEO_DETECT_SIDE):
+    """(track ids, boxes) in analysed frame number `frame`: detected on every `detect_every`-th
+    frame (on a copy at most `side` pixels across), carried by the tracker in between."""
+    if frame % detect_every == 0:
+        boxes = detect_faces(cascade, grey, side)
+        return tracker.update(boxes, frame), boxes
+    return tracker.carry(frame, grey.shape[1], grey.shape[0])
+
+
+def read_frames(cap, every, camera):
+    """(frame index, time in seconds, BGR frame) of every `every`-th frame; skipped frames are
+    only grabbed (demuxed and decoded, not converted). Stops at the first frame that cannot be
+    read. A camera's time is the wall clock since its first frame."""
+    import time
+    index, start = 0, None
+    while True:
+        ok, frame = cap.read()
+        if not ok or frame is None:
+            return
+        if camera:
+            start = time.monotonic() if start is None else start
+        yield index, (time.monotonic() - start) if camera else None, frame
+        for _ in range(every - 1):
+            index += 1
+            if not cap.grab():
+                return
+        index += 1
+
+
+def open_preview():
+    """An OpenCV window for --show, or None (with a note) where OpenCV has no GUI."""
+    import cv2
+    try:
+        cv2.namedWindow("infer.py --show", cv2.WINDOW_NORMAL)
+        return "infer.py --show"
+    except cv2.error:
+        warn("--show: this OpenCV has no GUI support (opencv-python-headless?); no preview window, "
+             "the files are written as usual (pip install opencv-python for a window)")
+        return None
+
+
+def classify_video(source, name, predict_faces, out_dir, cascade=None, every=1,
+                   detect_every=DETECT_EVERY, detect_side=VIDEO_DETECT_SIDE, smooth=True,
+                   show=False, log=print):
+    """Find, track and classify the faces of a video file or camera; write into out_dir:
+    frames.csv (one row per face per analysed frame, a 'no face' row for a frame without one;
+    flushed frame by frame), annotated.mp4 (at the analysed frame rate), timeline.png and
+    summary.json. Every `every`-th frame is analysed; faces are detected on every
+    `detect_every`-th analysed frame, on a copy at most `detect_side` pixels across, and the
+    tracker carries the boxes in between. All faces of a frame are classified in one batch.
+
+    Ctrl-C finishes the files for the frames analysed so far; for a file it is raised again
+    (the command stops), for a camera it is the normal end. Returns the summary dict; raises
+    Skipped when the source cannot be opened, holds no frame or out_dir cannot be written."""
+    import csv
+    import time
+
+    import cv2
+    from tqdm import tqdm
+    camera = isinstance(source, int)
+    cascade = face_detector() if cascade is None else cascade
+    cap, fps, announced = open_video(source)
+    writer, size, csv_file, preview, bar = None, None, None, None, None
+    timing = dict.fromkeys(("read", "detect", "classify", "write"), 0.0)
+    tracker, analysed, last, interrupted, started = Tracker(), 0, None, False, time.monotonic()
+    try:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            csv_file = open(os.path.join(out_dir, "frames.csv"), "w", newline="", encoding="utf-8")
+        except OSError as err:
+            raise Skipped(f"cannot write its output folder {out_dir}: {err.strerror or err}") from err
+        table = csv.writer(csv_file, lineterminator="\n")
+        table.writerow(frame_columns())
+        preview = open_preview() if show else None
+        bar = tqdm(total=announced // every if announced else None, desc=name, unit="frame",
+                   disable=camera or None, file=sys.stderr, dynamic_ncols=True, leave=False)
+        second = 0
+        clock = time.perf_counter()
+        for index, seconds, frame in read_frames(cap, every, camera):
+            now = time.perf_counter()
+            timing["read"] += now - clock
+            seconds = index / fps if seconds is None else seconds
+            height, width = frame.shape[:2]
+            grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+            ids, boxes = face_boxes(tracker, cascade, grey, analysed, detect_every, detect_side)
+            clock, now = now, time.perf_counter()
+            timing["detect"] += now - clock
+            probs = (predict_faces(np.stack([crop_face(grey, box) for box in boxes])) if boxes
+                     else np.zeros((0, len(EMOTIONS))))
+            clock, now = now, time.perf_counter()
+            timing["classify"] += now - clock
+            rows, labels = [], []
+            for tid, box, p in zip(ids, boxes, probs):
+                best = int(p.argmax())
+                rows.append([name, index, f"{seconds:.3f}", tid, *map(int, box), EMOTIONS[best],
+                             f"{p[best]:.6f}", *(f"{v:.6f}" for v in p)])
+                shown = tracker.smoothed(tid, p) if smooth else p
+                labels.append((box, EMOTIONS[int(shown.argmax())], float(shown.max()), tid))
+            annotate(frame, labels)
+            if size is None:  # the first frame gives the video's size
+                size = (width, height)
+                writer = open_writer(os.path.join(out_dir, "annotated.mp4"), fps / every, size)
+            if writer is not None:
+                writer.write(frame if (width, height) == size else cv2.resize(frame, size))
+            # The frame's rows right after its video frame (a Ctrl-C lands between the two only
+            # in that instant), flushed: an interrupted run keeps every analysed frame.
+            table.writerows(rows or [[name, index, f"{seconds:.3f}", "", "", "", "", "", "no face",
+                                      "", *[""] * len(EMOTIONS)]])
+            csv_file.flush()
+            analysed, last = analysed + 1, (index, seconds)
+            if preview:
+                cv2.imshow(preview, frame)
+                if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                    raise KeyboardInterrupt
+            bar.update(1)
+            if camera and int(seconds) > second:  # one live line per second
+                second = int(seconds)
+                rate = analysed / max(time.monotonic() - started, 1e-9)
+                said = ", ".join(f"#{t} {e} {c:.0%}" for _, e, c, t in labels) or "no face"
+                log(f"{seconds:6.1f} s  {len(labels)} face(s): {said}  ({rate:.1f} frames/s)")
+            clock = time.perf_counter()
+            timing["write"] += clock - now
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        cap.release()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.release()
+        if csv_file is not None:
+            csv_file.close()
+        if preview:
+            cv2.destroyWindow(preview)
+    elapsed = time.monotonic() - started
+    if analysed == 0 and not interrupted:
+        os.remove(os.path.join(out_dir, "frames.csv"))  # nothing but its header
+        with contextlib.suppress(OSError):
+            os.rmdir(out_dir)
+        raise Skipped("has no frame that could be read (an empty or unreadable video)")
+    stopped = None
+    if not interrupted and not camera and last and announced and last[0] + every < announced * 0.99:
+        stopped = (f"stopped at frame {last[0]} ({last[1]:.2f} s) of the {announced} its header "
+                   "announces: the rest could not be read (truncated or corrupt file)")
+        warn(f"{source} {stopped}; the readable part was processed")
+    summary = finish_video(out_dir, name, source, fps, every, analysed, last, announced, camera,
+                           elapsed, timing, stopped, interrupted)
+    log(f"{name}: {analysed} frame(s) analysed ({summary['frames_per_s']:.1f}/s), "
+        f"{len(summary['tracks'])} track(s)"
+        + "".join(f"; #{t['track']} {t['dominant']} {t['time_on_screen_s']:.1f} s"
+                  for t in summary["tracks"][:5]) + f"; wrote {', '.join(VIDEO_FILES)} to {out_dir}")
+    if interrupted and not camera:
+        where = f"frame {last[0]} ({last[1]:.2f} s)" if last else "its first frame"
+        warn(f"interrupted: {source} stopped after {where}; its files cover the {analysed} "
+             "frame(s) analysed up to there")
+        raise KeyboardInterrupt
+    return summary
+
+
+def open_writer(path, fps, size):
+    """A cv2.VideoWriter for MP4 (mp4v) that remembers its frame size, or None (with a warning)."""
+    import cv2
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), max(fps, 0.1), size)
+    if not writer.isOpened():
+        warn(f"{path}: could not open a video writer (no MP4 encoder?); no annotated video")
+        return None
+    return writer
+
+
+def read_frames_table(path):
+    """frames.csv as a DataFrame; the face rows only (no 'no face' rows)."""
+    import pandas as pd
+    table = pd.read_csv(path, keep_default_na=False, na_values={"track": [""]})
+    return table[table["emotion"] != "no face"].astype({"track": int})
+
+
+def track_summaries(faces, interval):
+    """Per track, longest on screen first: time on screen (analysed frames x interval), first and
+    last time, the share of frames with each emotion and the dominant emotion (raw labels)."""
+    out = []
+    for tid, rows in faces.groupby("track"):
+        shares = rows["emotion"].value_counts(normalize=True)
+        out.append({"track": int(tid), "frames": len(rows),
+                    "time_on_screen_s": round(len(rows) * interval, 3),
+                    "first_s": float(rows["time_s"].min()), "last_s": float(rows["time_s"].max()),
+                    "emotions": {n: round(float(shares.get(n, 0.0)), 4) for n in EMOTIONS},
+                    "dominant": shares.index[0]})
+    return sorted(out, key=lambda t: (-t["frames"], t["track"]))
+
+
+def save_timeline(faces, tracks, interval, title, path):
+    """timeline.png: per track (the TIMELINE_TRACKS longest), its seven probabilities against
+    time in the emotions' colours; a gap where the track was not seen."""
+    from matplotlib.figure import Figure
+    shown = tracks[:TIMELINE_TRACKS]
+    fig = Figure(figsize=(9, 0.6 + 1.7 * max(1, len(shown))))
+    axes = np.atleast_1d(fig.subplots(max(1, len(shown)), 1, sharex=True, squeeze=False)[:, 0])
+    for ax, track in zip(axes, shown):
+        rows = faces[faces["track"] == track["track"]]
+        t = rows["time_s"].to_numpy(float)
+        gaps = np.flatnonzero(np.diff(t) > 1.5 * interval) + 1  # NaN breaks the line there
+        for name in EMOTIONS:
+            b, g, r = EMOTION_COLOURS[name]
+            p = rows[f"p_{name}"].to_numpy(float)
+            ax.plot(np.insert(t, gaps, np.nan), np.insert(p, gaps, np.nan), color=(r / 255, g / 255, b / 255),
+                    lw=1.4, label=name)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("probability", fontsize=8)
+        ax.set_title(f"track #{track['track']}: {track['time_on_screen_s']:.1f} s on screen, mostly "
+                     f"{track['dominant']}", fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+    if not shown:
+        axes[0].text(0.5, 0.5, "no face found", ha="center", va="center", transform=axes[0].transAxes)
+    else:
+        axes[0].legend(ncol=7, fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.18), frameon=False)
+    if len(tracks) > len(shown):
+        title += f" ({len(tracks) - len(shown)} shorter track(s) not shown)"
+    axes[-1].set_xlabel("time (s)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def finish_video(out_dir, name, source, fps, every, analysed, last, announced, camera, elapsed,
+                 timing, stopped, interrupted):
+    """timeline.png and summary.json, both from frames.csv as written (so they agree with it)."""
+    table = read_frames_table(os.path.join(out_dir, "frames.csv"))
+    if camera:  # the analysed rate is what the machine kept up with
+        interval = elapsed / max(1, analysed)
+    else:
+        interval = every / fps
+    tracks = track_summaries(table, interval)
+    save_timeline(table, tracks, interval, f"{name}: emotion probabilities per tracked face",
+                  os.path.join(out_dir, "timeline.png"))
+    total = sum(timing.values()) or 1.0
+    summary = {"video": source if camera else os.fspath(source), "camera": camera,
+               "fps": fps, "every": every, "analysed_fps": 1 / interval,
+               "frames_analysed": analysed, "frames_announced": announced or None,
+               "last_frame": last[0] if last else None, "last_time_s": last[1] if last else None,
+               "stopped_early": stopped, "interrupted": interrupted,
+               "frames_per_s": analysed / max(elapsed, 1e-9), "seconds": round(elapsed, 3),
+               "time_share": {k: round(v / total, 4) for k, v in timing.items()},
+               "tracks": tracks, "files": {f: os.path.join(out_dir, f) for f in VIDEO_FILES}}
+    save_json(summary, os.path.join(out_dir, "summary.json"))
+    return summary
+
+
+def classify_videos(inputs, predict_faces, out_dir, every=1, detect_every=DETECT_EVERY,
+                    smooth=True, show=False, log=print):
+    """classify_video for each video file (folders: their videos) or camera index in `inputs`,
+    each into out_dir/<video name>/. A video that cannot be used is named in one warning line and
+    the others are still processed. Returns the summaries; raises UserError when not one video
+    could be processed, and KeyboardInterrupt (after finishing the files) on Ctrl-C in a file."""
+    sources, skipped = find_videos(inputs)
+    for path, reason in skipped:
+        warn(f"{path} {reason}; skipped")
+    cascade = face_detector()
+    summaries, used = [], set()
+    for source, name in sources:
+        folder = name
+        k = 1
+        while folder.lower() in used:
+            k += 1
+            folder = f"{name}_{k}"
+        used.add(folder.lower())
+        try:
+            summaries.append(classify_video(source, name, predict_faces, os.path.join(out_dir, folder),
+                                            cascade, every, detect_every, smooth=smooth, show=show,
+                                            log=log))
+        except Skipped as why:
+            what = f"camera {source}" if isinstance(source, int) else source
+            warn(f"{what} {why}; skipped")
+            skipped.append((source, str(why)))
+    if not summaries:
+        given = ", ".join(map(str, inputs))
+        raise UserError(f"nothing could be processed: no usable video in {given}"
+                        + ("" if sources or skipped else " (no video files found)"))
+    if skipped:
+        log(f"{len(summaries)} video(s) processed, {len(skipped)} skipped")
+    return summaries

@@ -420,6 +420,50 @@ def test_large_jpeg_is_downscaled_while_decoding(ckpts, astronaut_jpg, tmp_path,
     assert cv2.imread(str(out / "annotated" / "astronaut.jpg")).shape == (256, 256, 3)
 
 
+def test_every_format_opencv_reads_is_taken_from_a_folder(ckpts, astronaut_jpg, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = cv2.imread(astronaut_jpg)
+    for name in ("a.tif", "b.TIFF", "c.ppm", "d.pgm", "e.png"):
+        assert cv2.imwrite(str(folder / name), photo if name != "d.pgm" else photo[:, :, 1])
+    (folder / "notes.txt").write_text("not a picture")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["-c", ckpts["a"], "--images", str(folder), "-o", str(out),
+                            "--device", "cpu"], capsys)
+    assert code == 0, err
+    table = pd.read_csv(out / "faces.csv")
+    assert sorted(map(os.path.basename, table["file"])) == ["a.tif", "b.TIFF", "c.ppm", "d.pgm", "e.png"]
+    assert (table["x"].between(150, 200)).all()  # her face in each
+    assert "notes.txt" in err
+    assert sorted(os.listdir(out / "annotated" / "photos")) == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+
+
+def test_stacked_faces_get_labels_that_never_overlap_or_leave_their_column():
+    boxes = [(100, 0, 60, 40), (110, 42, 60, 40), (95, 84, 60, 40), (105, 126, 60, 40), (100, 168, 60, 40),
+             (400, 5, 30, 30), (10, 10, 300, 300)]
+    sizes = [(60, 18)] * 5 + [(30, 12), (200, 40)]
+    tops = photos.place_labels(boxes, sizes, 240)
+    rects = [(x, t, x + lw, t + lh) for (x, _, w, _), (lw, lh), t in zip(boxes, sizes, tops) if t is not None]
+    assert len(rects) >= 6
+    for (x, _, w, _), (lw, lh), t in zip(boxes, sizes, tops):
+        if t is not None:
+            assert lw <= w and 0 <= t <= 240 - lh  # within the box's columns and the image
+    for i, a in enumerate(rects):
+        for b in rects[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+    # Through annotate: labels shrink or shorten to their box's width; boxes in the emotion's colour.
+    image = np.full((240, 480, 3), 255, np.uint8)
+    faces = [(box, utils.EMOTIONS[k % 7], 0.87, k) for k, box in enumerate(boxes[:6])]
+    photos.annotate(image, faces, legend=False)
+    for (x, y, w, h), emotion, _, _ in faces:
+        assert tuple(image[y + h - 1, x + w // 2]) == photos.EMOTION_COLOURS[emotion]  # bottom edge
+        fit = photos.fit_label([f"#0 {emotion} 87%", emotion, emotion[:3]], w, 0.4, 1)
+        assert fit is not None and fit[2] <= w
+    assert len(set(photos.EMOTION_COLOURS.values())) == 7
+    legend = photos.draw_legend(np.zeros((480, 640, 3), np.uint8), [])
+    assert legend[-10:, -10:].any() and not legend[:10, :10].any()  # bottom right by default
+
+
 def test_nothing_to_process_is_an_error(ckpts, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

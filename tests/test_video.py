@@ -1,0 +1,237 @@
+"""infer.py --video: per-frame rows, tracks, the annotated video, timeline and summary, and bad
+inputs; all on small clips made here from a real face photo (skimage's astronaut)."""
+import json
+import os
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import infer
+import photos
+import utils
+from tests.test_infer import random_model, run_cli, save_checkpoint
+from tools.bench_video import make_clip
+
+FPS = 10.0
+FRAMES = 16
+EMPTY = (3, 3)  # frames without a face at the start and at the end
+SIZE = (320, 240)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "a_best.pth", random_model(0))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """(path, true face boxes per frame) of a 16-frame 320x240 clip, one moving face."""
+    path = tmp_path_factory.mktemp("clips") / "interview.mp4"
+    return str(path), make_clip(path, FRAMES, 1, SIZE, FPS, EMPTY)
+
+
+def count_frames(path):
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+def video(args, ckpt, out, capsys):
+    return run_cli(["-c", ckpt, "--video", *map(str, args), "-o", str(out), "--device", "cpu"], capsys)
+
+
+# ----------------------------------------------------------------------------- a good clip
+
+def test_clip_gives_rows_times_one_track_video_timeline_and_summary(ckpt, clip, tmp_path, capsys):
+    path, truth = clip
+    out = tmp_path / "out"
+    code, stdout, err = video([path, "--detect_every", "1"], ckpt, out, capsys)
+    assert code == 0, err
+    folder = out / "interview"
+    table = pd.read_csv(folder / "frames.csv", keep_default_na=False)
+    assert list(table.columns) == photos.frame_columns()
+    assert sorted(set(table["frame"])) == list(range(FRAMES))  # every frame, once per face
+    assert not table.duplicated(["frame", "track"]).any()
+    np.testing.assert_allclose(table["time_s"], table["frame"] / FPS, atol=1e-3)
+    faces = table[table["emotion"] != "no face"]
+    assert sorted(faces["frame"]) == [k for k, boxes in enumerate(truth) if boxes]
+    assert (table[table["emotion"] == "no face"]["track"] == "").all()
+    assert faces["track"].nunique() == 1  # the face keeps its id
+    for (_, row), boxes in zip(faces.iterrows(), [b for b in truth if b]):
+        assert photos.iou([int(row[k]) for k in "xywh"], boxes[0]) > 0.5
+    probs = faces[[f"p_{n}" for n in utils.EMOTIONS]].astype(float).to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
+    assert list(faces["emotion"]) == [utils.EMOTIONS[i] for i in probs.argmax(1)]
+    assert count_frames(folder / "annotated.mp4") == FRAMES
+    assert cv2.imread(str(folder / "timeline.png")) is not None
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["frames_analysed"] == FRAMES and not summary["interrupted"]
+    assert not summary["stopped_early"]
+    (track,) = summary["tracks"]
+    assert track["frames"] == len(faces)
+    assert track["time_on_screen_s"] == pytest.approx(len(faces) / FPS)
+    shares = faces["emotion"].value_counts(normalize=True)
+    assert track["emotions"] == {n: pytest.approx(shares.get(n, 0), abs=1e-4) for n in utils.EMOTIONS}
+    assert track["dominant"] == shares.index[0]
+    assert "interview: 16 frame(s) analysed" in stdout and "Traceback" not in err
+
+
+def test_every_nth_frame_default_tracking_and_show_without_gui(ckpt, clip, tmp_path, capsys):
+    path, truth = clip
+    out = tmp_path / "out"
+    code, _, err = video([path, "--every", "3", "--show"], ckpt, out, capsys)
+    assert code == 0, err
+    table = pd.read_csv(out / "interview" / "frames.csv", keep_default_na=False)
+    assert sorted(set(table["frame"])) == list(range(0, FRAMES, 3))
+    np.testing.assert_allclose(table["time_s"], table["frame"] / FPS, atol=1e-3)
+    faces = table[table["emotion"] != "no face"]
+    assert faces["track"].nunique() == 1 and len(faces) >= 3
+    assert count_frames(out / "interview" / "annotated.mp4") == len(range(0, FRAMES, 3))
+    if cv2.getBuildInformation().split("GUI:")[1].split()[0] == "NONE":
+        assert "--show" in err and "no GUI support" in err
+
+
+def test_tracker_keeps_ids_and_smooths():
+    tracker = photos.Tracker(window=3)
+    assert tracker.update([(10, 10, 50, 50), (200, 10, 50, 50)], 0) == [1, 2]
+    assert tracker.update([(206, 12, 50, 50), (14, 11, 52, 50)], 1) == [2, 1]  # moved, reordered
+    ids, boxes = tracker.carry(2, 400, 300)  # between detections: moved on at their speed
+    assert ids == [1, 2] and boxes[0][0] == 18 and boxes[1][0] == 212
+    assert tracker.update([(300, 200, 40, 40)], 2) == [3]  # a new face far away
+    for frame in range(3, 3 + photos.MAX_MISSED):
+        tracker.update([], frame)
+    assert tracker.update([(22, 12, 52, 50)], 20) == [4]  # gone too long: a new id
+    for p, mean in (([1, 0], [1, 0]), ([0, 1], [.5, .5]), ([0, 1], [1 / 3, 2 / 3]), ([0, 1], [0, 1])):
+        np.testing.assert_allclose(tracker.smoothed(4, np.array(p, float)), mean)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def test_bad_videos_are_named_and_the_good_one_still_processed(ckpt, clip, tmp_path, capsys):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    (folder / "good.mp4").write_bytes(open(clip[0], "rb").read())
+    (folder / "notes.mp4").write_text("not a video")
+    (folder / "empty.mp4").write_bytes(b"")
+    for name, fourcc in (("zero.mp4", "mp4v"), ("zero.avi", "MJPG")):  # opened, closed: no frame
+        cv2.VideoWriter(str(folder / name), cv2.VideoWriter_fourcc(*fourcc), FPS, SIZE).release()
+    make_clip(tmp_path / "full.avi", 20, 1, SIZE, FPS, EMPTY, fourcc="MJPG")
+    data = (tmp_path / "full.avi").read_bytes()
+    (folder / "cut.avi").write_bytes(data[: len(data) * 6 // 10])
+    cut_mp4 = open(clip[0], "rb").read()
+    (folder / "cut.mp4").write_bytes(cut_mp4[: len(cut_mp4) // 2])  # its index was at the end
+    out = tmp_path / "out"
+    code, stdout, err = video([folder, 9, tmp_path / "missing.mp4"], ckpt, out, capsys)
+    assert code == 0, err
+    assert "Traceback" not in err and "Traceback" not in stdout
+    lines = err.strip().splitlines()
+    said = {name: [line for line in lines if name in line] for name in
+            ("notes.mp4", "empty.mp4", "zero.mp4", "zero.avi", "cut.mp4", "cut.avi", "camera 9",
+             "missing.mp4")}
+    for name, found in said.items():
+        assert len(found) == 1, (name, err)
+    assert "could not be opened as a video" in said["notes.mp4"][0]
+    assert "zero-byte" in said["empty.mp4"][0]
+    assert "no frame" in said["zero.avi"][0]
+    assert "no camera" in said["camera 9"][0]
+    assert "truncated" in said["cut.mp4"][0]
+    assert "stopped at frame" in said["cut.avi"][0] and "readable part was processed" in said["cut.avi"][0]
+    good = pd.read_csv(out / "good" / "frames.csv")
+    assert sorted(set(good["frame"])) == list(range(FRAMES))
+    cut = pd.read_csv(out / "cut" / "frames.csv")
+    read = sorted(set(cut["frame"]))
+    assert read == list(range(len(read))) and 0 < len(read) < 20  # the readable part
+    summary = json.loads((out / "cut" / "summary.json").read_text())
+    assert "stopped at frame" in summary["stopped_early"]
+    assert count_frames(out / "cut" / "annotated.mp4") == len(read)
+
+
+def test_nothing_usable_is_one_error(ckpt, tmp_path, capsys):
+    code, _, err = video([9], ckpt, tmp_path / "out", capsys)  # no camera in this sandbox
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: nothing could be processed")
+    assert "Traceback" not in err
+
+
+def test_unwritable_output_folders(ckpt, clip, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should be")
+    code, _, err = video([clip[0]], ckpt, blocker / "out", capsys)
+    assert code == 2 and err.startswith("error: cannot write to") and len(err.strip().splitlines()) == 1
+    # One video's own folder cannot be made: that video is skipped, the other one processed.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "interview").write_text("in the way")
+    other = tmp_path / "other.mp4"
+    other.write_bytes(open(clip[0], "rb").read())
+    code, _, err = video([clip[0], other], ckpt, out, capsys)
+    assert code == 0, err
+    assert "cannot write its output folder" in err and "Traceback" not in err
+    assert (out / "other" / "summary.json").exists()
+
+
+def test_ctrl_c_mid_video_finishes_the_files(ckpt, clip, tmp_path, monkeypatch, capsys):
+    calls = []
+    annotate = photos.annotate
+
+    def interrupted_annotate(image, faces, legend=True):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return annotate(image, faces, legend)
+    monkeypatch.setattr(photos, "annotate", interrupted_annotate)
+    other = tmp_path / "later.mp4"
+    other.write_bytes(open(clip[0], "rb").read())
+    out = tmp_path / "out"
+    code, _, err = video([clip[0], other, "--detect_every", "1"], ckpt, out, capsys)
+    assert code == 130
+    assert "interrupted" in err and "stopped after frame 6 (0.60 s)" in err and "Traceback" not in err
+    folder = out / "interview"
+    table = pd.read_csv(folder / "frames.csv", keep_default_na=False)
+    assert sorted(set(table["frame"])) == list(range(7))  # the 7 frames done, none twice
+    assert count_frames(folder / "annotated.mp4") == 7
+    assert cv2.imread(str(folder / "timeline.png")) is not None
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["interrupted"] and summary["frames_analysed"] == 7
+    assert summary["tracks"][0]["frames"] == (table["emotion"] != "no face").sum()
+    assert not (out / "later").exists()  # Ctrl-C stops the command
+
+
+def test_camera_prints_a_line_per_second_and_ctrl_c_ends_it_normally(ckpt, clip, tmp_path, monkeypatch,
+                                                                       capsys):
+    """Camera 0 is played by the clip (there is no camera here); frames take 0.1 s each."""
+    import time
+    real_open, real_annotate, calls = photos.open_video, photos.annotate, []
+    monkeypatch.setattr(photos, "open_video", lambda source: real_open(clip[0] if source == 0 else source))
+
+    def slow_annotate(image, faces, legend=True):
+        calls.append(1)
+        if len(calls) == 13:
+            raise KeyboardInterrupt  # Ctrl-C: how a camera run ends
+        time.sleep(0.1)
+        return real_annotate(image, faces, legend)
+    monkeypatch.setattr(photos, "annotate", slow_annotate)
+    out = tmp_path / "out"
+    code, stdout, err = video([0], ckpt, out, capsys)
+    assert code == 0, err
+    live = [line for line in stdout.splitlines() if "frames/s)" in line]
+    assert live and "face(s)" in live[0]
+    table = pd.read_csv(out / "camera0" / "frames.csv", keep_default_na=False)
+    assert sorted(set(table["frame"])) == list(range(12))
+    assert (np.diff(table.drop_duplicates("frame")["time_s"]) > 0.05).all()  # the wall clock
+    summary = json.loads((out / "camera0" / "summary.json").read_text())
+    assert summary["camera"] and summary["interrupted"] and summary["frames_analysed"] == 12
+    assert count_frames(out / "camera0" / "annotated.mp4") == 12
