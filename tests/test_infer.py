@@ -375,7 +375,7 @@ def test_no_detect_takes_each_image_as_a_face(ckpts, split, tmp_path, capsys):
         cv2.imwrite(str(folder / f"face{i}.png"), split[0][i])
     out = tmp_path / "out"
     code, _, err = run_cli(["-c", ckpts["a"], "--images", str(folder), "--no-detect", "-o", str(out),
-                            "--tta", "flip", "--device", "cpu"], capsys)
+                            "--tta", "flip", "--device", "cpu", "--no-amp"], capsys)
     assert code == 0, err
     table = pd.read_csv(out / "faces.csv")
     assert len(table) == 3 and (table["w"] == 48).all() and (table["x"] == 0).all()
