@@ -2,6 +2,7 @@
 FILE.onnx): same probabilities as PyTorch, any batch size, clear errors (all on made-up faces)."""
 import importlib.util
 import json
+import os
 import sys
 
 import numpy as np
@@ -159,3 +160,18 @@ def test_damaged_foreign_and_unexplainable_onnx_files(tmp_path, capsys):
     assert code == 2 and "--explain needs gradients" in err
     code, _, err = run_cli(["-c", str(foreign), "--export", str(tmp_path / "again.onnx")], capsys)
     assert code == 2 and "already an ONNX file" in err
+
+
+@needs_onnx
+def test_benchmark_tool_runs_and_saves_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    import bench_onnx
+    csv = synthetic.write_synthetic_csv(tmp_path / "faces.csv", 7, 7, 8, seed=1)
+    path = tmp_path / "bench.json"
+    bench_onnx.main(["-d", csv, "--models", "vgg2_4_2_conv5", "--seconds", "0.01", "--rounds", "1",
+                     "--json", str(path)])
+    saved = json.loads(path.read_text())
+    row = saved["results"][0]
+    assert row["model"] == "vgg2_4_2_conv5" and row["faces_compared"] == 8
+    assert set(row["img_s"]) == {"1", "64"} and row["max_abs_prob_diff"] < 1e-4
+    assert "| vgg2_4_2_conv5 |" in capsys.readouterr().out and saved["machine"]["cpu"]
