@@ -146,9 +146,16 @@ def resolve(path, kind="best"):
 
 
 def export(path, destination):
-    """An inference-only copy: the validated weights in fp16 and the run's description."""
+    """An inference-only copy: the validated weights in fp16 and the run's description; to a
+    destination ending in .onnx, an fp32 ONNX model with a dynamic batch (onnx_model.export)."""
     ckpt = load(path)
-    build_model(ckpt, source=path)  # refuse to export what could not be loaded
+    model = build_model(ckpt, source=path)  # refuse to export what could not be loaded
+    if os.fspath(destination).lower().endswith(".onnx"):
+        import onnx_model  # its packages are optional: needed only here
+        step = ckpt.get("train_state", {}).get("step", ckpt.get("step"))
+        return onnx_model.export(model, destination, {
+            "run_name": ckpt.get("run_name"), "dataset": ckpt.get("dataset"), "step": step,
+            "pretrained_used": ckpt.get("pretrained_used"), "source": os.path.basename(path)})
     keep = ("model_name", "class_names", "pretrained_used", "args", "run_name", "dataset")
     small = {k: ckpt[k] for k in keep if k in ckpt}
     if "train_state" in ckpt:

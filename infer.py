@@ -29,6 +29,12 @@ written as annotated copies under <output>/annotated/ plus faces.csv and faces.j
 With `--video PATH|INDEX [...]` (files, folders of videos, or camera numbers) each video gets its
 own folder <output>/<video name>/ with frames.csv (one row per face per analysed frame, written
 as it goes), annotated.mp4, timeline.png and summary.json (see photos.classify_video).
+
+`--explain` adds Grad-CAM maps (explain.py) of the predicted class, or of `--explain_class`: for a
+split, faces/<Emotion>_<index>_cam.png beside each saved face; for photos, every face found as
+cams/<photo>_face<j>.png and cams/<photo>_face<j>_cam.png; and explain_grid.png, the faces beside
+their maps. `--export model.onnx` writes an ONNX model (onnx_model.py); `--checkpoint model.onnx`
+runs every report through onnxruntime.
 """
 import math
 import os
@@ -42,10 +48,12 @@ import torch.nn.functional as F
 
 import checkpoint
 import dataset
+import explain
+import onnx_model
 import photos
-from utils import (DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, Parser, UserError, autocast_dtype,
-                   atomic_write, check_writable, device_flags, eval_batch_size, flag, reuse_freed_memory, run_cli,
-                   save_figure, save_json, select_device)
+from utils import (DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, Parser, UserError, atomic_write,
+                   autocast_dtype, check_writable, device_flags, eval_batch_size, flag, one_of,
+                   reuse_freed_memory, run_cli, save_figure, save_json, select_device)
 
 TTA_MODES = ("none", "flip", "tencrop")
 CROP = 44  # tencrop: crops of 44 x 44 pixels, resized back to 48 x 48
@@ -55,13 +63,15 @@ CROP = 44  # tencrop: crops of 44 x 44 pixels, resized back to 48 x 48
 
 def load_models(checkpoint_paths, device="cpu"):
     """Load one or more checkpoints (files, or run folders holding one *_best.pth) as models in
-    eval mode; any problem is a UserError."""
+    eval mode; an .onnx file becomes an onnx_model.OnnxModel (onnxruntime on the CPU), which
+    predict uses like the others. Any problem is a UserError."""
     if isinstance(checkpoint_paths, (str, os.PathLike)):
         checkpoint_paths = [checkpoint_paths]
     paths = [checkpoint.resolve(p) for p in checkpoint_paths]
     if not paths:
         raise UserError("no checkpoint given")
-    return [checkpoint.build_model(checkpoint.load(p), device, source=p) for p in paths]
+    return [onnx_model.OnnxModel(p) if onnx_model.is_onnx(p)
+            else checkpoint.build_model(checkpoint.load(p), device, source=p) for p in paths]
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -227,11 +237,11 @@ def write_predictions(path, probs, labels, class_names):
 
 def save_faces(images, labels, pred, class_names, out_dir, indices):
     """The faces at `indices` as <folder>/faces/<PredictedEmotion>_<index>.png (older such files
-    in that folder are removed first, so the folder shows this run only)."""
+    and their Grad-CAM maps in that folder are removed first, so the folder shows this run only)."""
     import cv2
     folder = os.path.join(out_dir, "faces")
     os.makedirs(folder, exist_ok=True)
-    ours = re.compile(rf"^({'|'.join(re.escape(n) for n in class_names)})_\d+\.png$")
+    ours = re.compile(rf"^({'|'.join(re.escape(n) for n in class_names)})_\d+(_cam)?\.png$")
     for old in os.listdir(folder):
         if ours.match(old):
             os.remove(os.path.join(folder, old))
@@ -267,6 +277,78 @@ def save_face_grid(images, labels, probs, class_names, indices, path, title):
     return save_figure(fig, path)
 
 
+# ----------------------------------------------------------------------------- Grad-CAM
+
+def explained_classes(probs, explain_class=None):
+    """The class each face's map explains: the predicted one, or `explain_class` for all."""
+    probs = np.asarray(probs)
+    if explain_class is None:
+        return probs.argmax(1)
+    return np.full(len(probs), int(explain_class))
+
+
+def _cam_note(models):
+    return "" if len(models) == 1 else f", average of the {len(models)} members' maps"
+
+
+def explain_saved_faces(models, images, labels, probs, indices, face_paths, explain_class, grid_path,
+                        title, batch_size=None, device="cpu"):
+    """Grad-CAM maps of the report's saved faces: <face>_cam.png beside each face file, and one
+    grid of the faces beside their maps. Returns (map paths, grid path)."""
+    faces = np.asarray(images)[indices]
+    classes = explained_classes(np.asarray(probs)[indices], explain_class)
+    cams = explain.explain_faces(models, faces, classes, batch_size or 64, device)
+    paths = explain.save_cam_images(faces, cams, [explain.cam_path(p) for p in face_paths])
+    titles, colors = [], []
+    for i, c in zip(indices, classes):
+        p = int(np.argmax(probs[i]))
+        titles.append((f"#{i} true {EMOTIONS[labels[i]]}\npred {EMOTIONS[p]} {probs[i][p]:.0%}",
+                       f"Grad-CAM: {EMOTIONS[c]}\n{probs[i][c]:.0%}"))
+        colors.append("#1a7f37" if p == int(labels[i]) else "#cf222e")
+    what = "predicted class" if explain_class is None else EMOTIONS[explain_class]
+    grid = explain.save_explain_grid(faces, cams, titles, grid_path,
+                                     f"{title} of the {what}{_cam_note(models)}", colors)
+    return paths, grid
+
+
+def explain_photo_faces(models, found, out_dir, explain_class=None, batch_size=None, device="cpu",
+                        grid_faces=64):
+    """Grad-CAM maps of every face found in photos: `found` holds (annotated photo path, faces,
+    probs) per photo (photos.classify_photos' on_faces). Writes cams/<photo>_face<j>.png (the
+    48x48 crop) and cams/<photo>_face<j>_cam.png, and explain_grid.png of the first `grid_faces`
+    faces. Returns (map paths, grid path or None)."""
+    import cv2
+    annotated_dir = os.path.join(out_dir, "annotated")
+    faces, probs, stems = [], [], []
+    for target, crops, p in found:
+        stem = os.path.splitext(os.path.relpath(target, annotated_dir))[0]
+        for j in range(len(crops)):
+            stems.append(os.path.join(out_dir, "cams", f"{stem}_face{j}"))
+        faces.append(crops)
+        probs.append(np.asarray(p))
+    if not stems:
+        return [], None
+    faces, probs = np.concatenate(faces), np.concatenate(probs)
+    classes = explained_classes(probs, explain_class)
+    cams = explain.explain_faces(models, faces, classes, batch_size or 64, device)
+    for face, stem in zip(faces, stems):  # the crop the map belongs to, as the model saw it
+        ok, buf = cv2.imencode(".png", np.ascontiguousarray(face))
+        atomic_write(f"{stem}.png", lambda f: f.write(buf.tobytes()))
+    paths = explain.save_cam_images(faces, cams, [f"{stem}_cam.png" for stem in stems])
+    k = min(grid_faces, len(faces))
+    titles = []
+    for stem, p, c in zip(stems[:k], probs[:k], classes[:k]):
+        name = os.path.relpath(stem, os.path.join(out_dir, "cams"))
+        titles.append((f"{name[-24:]}\n{EMOTIONS[int(p.argmax())]} {p.max():.0%}",
+                       f"Grad-CAM: {EMOTIONS[c]}\n{p[c]:.0%}"))
+    what = "predicted class" if explain_class is None else EMOTIONS[explain_class]
+    shown = "" if k == len(faces) else f" (first {k} of {len(faces)} faces)"
+    grid = explain.save_explain_grid(faces[:k], cams[:k], titles,
+                                     os.path.join(out_dir, "explain_grid.png"),
+                                     f"Grad-CAM of the {what}{_cam_note(models)}{shown}")
+    return paths, grid
+
+
 # ----------------------------------------------------------------------------- evaluation report
 
 def _describe(paths):
@@ -275,13 +357,15 @@ def _describe(paths):
 
 
 def report(checkpoint_paths, images, labels, out_dir, tta="none", num_save=16, batch_size=None,
-           device="cpu", split_name="test", log=print, models=None):
+           device="cpu", split_name="test", log=print, models=None, explain_maps=False,
+           explain_class=None):
     """Classify a labelled split, print the summary and write every report file into `out_dir`.
 
     Returns the metrics dict (also saved as metrics.json): n, loss, accuracy, macro_f1,
     weighted_f1, per_class, confusion_matrix for the requested `tta`; when tta is not 'none',
     the same without TTA under "plain"; and tta, split, checkpoints, models, class_names, files.
-    `models` (from load_models) skips loading the checkpoints again."""
+    `models` (from load_models) skips loading the checkpoints again. `explain_maps`: Grad-CAM
+    maps of the saved faces (see explain_saved_faces), of class index `explain_class` when given."""
     if isinstance(checkpoint_paths, (str, os.PathLike)):
         checkpoint_paths = [checkpoint_paths]
     paths = [os.fspath(p) for p in checkpoint_paths]
@@ -290,6 +374,9 @@ def report(checkpoint_paths, images, labels, out_dir, tta="none", num_save=16, b
     if num_save < 0:
         raise UserError(f"num_save must be >= 0, got {num_save}")
     models = load_models(paths, device) if models is None else models
+    if explain_maps:
+        for model in models:
+            explain.cam_layer(model)  # fail before the work when a model cannot be explained
     class_names = EMOTIONS
     images = np.asarray(images)
     labels = np.asarray(labels).astype(np.int64)
@@ -341,6 +428,13 @@ def report(checkpoint_paths, images, labels, out_dir, tta="none", num_save=16, b
         files["faces_grid"] = save_face_grid(
             images, labels, probs[tta], class_names, indices, grid,
             f"{split_name}: first {len(indices)} faces, {tta_name} (green right, red wrong)")
+    explain_grid = os.path.join(out_dir, "explain_grid.png")
+    if os.path.exists(explain_grid) and not (explain_maps and indices):
+        os.remove(explain_grid)  # from an earlier run
+    if explain_maps and indices:
+        files["cams"], files["explain_grid"] = explain_saved_faces(
+            models, images, labels, probs[tta], indices, files["faces"], explain_class,
+            explain_grid, f"{split_name}: Grad-CAM", batch_size, device)
 
     result = {"tta": tta, "split": split_name, **metrics}
     if tta != "none":
@@ -351,7 +445,7 @@ def report(checkpoint_paths, images, labels, out_dir, tta="none", num_save=16, b
     files["metrics"] = os.path.join(out_dir, "metrics.json")
     save_json(result, files["metrics"])
     log(f"wrote metrics.json, predictions.csv, confusion matrices, {len(indices)} faces and their "
-        f"grid to {out_dir}")
+        f"grid{' and Grad-CAM maps' if explain_maps and indices else ''} to {out_dir}")
     return result
 
 
@@ -368,6 +462,12 @@ def default_output_dir(paths, images=False, kind="photos"):
     else:
         folder = os.path.join("outputs", "infer", "ensemble", "+".join(stems)[:120])
     return os.path.join(folder, time.strftime(f"{kind}_%Y%m%d-%H%M%S")) if images else folder
+
+
+def emotion(value):
+    """An argparse type: an emotion name in any case, with the closest name suggested on a typo."""
+    by_lower = {name.lower(): name for name in EMOTIONS}
+    return EMOTIONS.index(by_lower.get(value.lower()) or one_of(EMOTIONS, "emotion")(value))
 
 
 def get_args_parser():
@@ -413,9 +513,19 @@ def get_args_parser():
               "q or Esc there acts as Ctrl-C)")
     flag(p, "--skip_bad_rows", action="store_true",
          help="drop malformed CSV rows (with a warning that counts them)")
+    flag(p, "--explain", action="store_true",
+         help="Grad-CAM heat maps of the predicted class over each reported face: the --num_save "
+              "faces of a split (faces/<Emotion>_<i>_cam.png), every face of --images "
+              "(cams/<photo>_face<j>_cam.png beside the crop), and explain_grid.png; maps come from "
+              "each model's last convolutional block, on the face without TTA; an ensemble shows "
+              "the average of its members' maps")
+    flag(p, "--explain_class", type=emotion, metavar="EMOTION",
+         help=f"with --explain (implied): explain this class instead of the predicted one "
+              f"({', '.join(EMOTIONS)})")
     flag(p, "--export", metavar="FILE",
-         help="write a small inference-only copy of the checkpoint (fp16 weights, no optimiser "
-              "state) to FILE, then stop")
+         help="write an inference-only copy of the checkpoint to FILE, then stop: FILE.onnx an fp32 "
+              "ONNX model (dynamic batch, normalisation inside; needs onnxscript), any other name "
+              "the small PyTorch file (fp16 weights, no optimiser state)")
     flag(p, "--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -425,7 +535,9 @@ def training_data(paths, given):
     on when it is still there (the synthetic faces are drawn again), else ./data/fer2013.csv."""
     if given is not None:
         return given
-    trained_on = checkpoint.load(paths[0]).get("dataset")
+    first = paths[0]
+    trained_on = (onnx_model.OnnxModel(first).metadata if onnx_model.is_onnx(first)
+                  else checkpoint.load(first)).get("dataset")
     if not trained_on:
         return DEFAULT_CSV
     if os.path.basename(trained_on) == os.path.basename(dataset.SYNTHETIC_CSV):
@@ -450,12 +562,20 @@ def main(argv=None):
     if args.video is not None and not args.detect:
         parser.error("--no-detect applies to --images only (video frames are searched for faces)")
     paths = [checkpoint.resolve(p) for p in args.checkpoint]
+    explaining = args.explain or args.explain_class is not None
     if args.export:
         if len(paths) != 1:
             parser.error("--export takes one checkpoint")
+        if onnx_model.is_onnx(paths[0]):
+            raise UserError(f"{paths[0]} is already an ONNX file; export from the .pth checkpoint")
         size = os.path.getsize(checkpoint.export(paths[0], args.export)) / 2**20
-        print(f"wrote {args.export} ({size:.1f} MiB)")
+        kind = (f"ONNX, opset {onnx_model.OPSET}, fp32, dynamic batch"
+                if onnx_model.is_onnx(args.export) else "fp16 PyTorch")
+        print(f"wrote {args.export} ({size:.1f} MiB, {kind})")
         return 0
+    if explaining and any(onnx_model.is_onnx(p) for p in paths):
+        raise UserError("--explain needs gradients, which ONNX files do not give: pass the .pth "
+                        "checkpoint(s) for Grad-CAM")
     device = select_device(args.device)
     reuse_freed_memory(device)  # each batch's large activations reuse memory, not fault it in again
     models = load_models(paths, device)
@@ -466,19 +586,28 @@ def main(argv=None):
                                                 kind="photos" if args.images else "video")
     check_writable(out_dir)
     amp_dtype = autocast_dtype(args.amp, device)
+    onnx_note = (", ONNX through onnxruntime on the CPU"
+                 if any(isinstance(m, onnx_model.OnnxModel) for m in models) else "")
     print(f"loaded {_describe(paths)}: {', '.join(m.name for m in models)} on {device.type}"
-          + (f", {str(amp_dtype).split('.')[-1]} autocast" if amp_dtype else ""))
+          + (f", {str(amp_dtype).split('.')[-1]} autocast" if amp_dtype else "") + onnx_note)
     if args.amp and amp_dtype is None:
         print(f"note: --amp needs CUDA or a CPU with bf16 support; computing in fp32 on {device.type}")
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         if data is not None:
             images, labels = data.split(args.split)
             report(paths, images, labels, out_dir, args.tta, args.num_save, args.batch_size, device,
-                   split_name=f"{args.split} ({SPLITS[args.split]})", models=models)
+                   split_name=f"{args.split} ({SPLITS[args.split]})", models=models,
+                   explain_maps=explaining, explain_class=args.explain_class)
         if args.images is not None:
+            found = []  # with --explain: (annotated photo, its face crops, their probabilities)
             photos.classify_photos(
                 args.images, lambda faces: predict(models, faces, args.tta, args.batch_size, device),
-                out_dir, args.detect)
+                out_dir, args.detect, on_faces=(lambda *face: found.append(face)) if explaining else None)
+            if explaining:
+                cams, _ = explain_photo_faces(models, found, out_dir, args.explain_class,
+                                              args.batch_size, device)
+                print(f"wrote {len(cams)} Grad-CAM map(s) to {os.path.join(out_dir, 'cams')}"
+                      + (" and explain_grid.png" if cams else ""))
         if args.video is not None:
             if device.type == "cpu":  # batches of 1-3 faces: a second thread only spins (README
                 torch.set_num_threads(1)  # "Video": 2 against 21 frames/s), OpenCV has the other core

@@ -37,6 +37,15 @@ SPECS = {
                        ("irb", 128, 1280, 256), ("irb", 256, 1280, 512), ("avg",)], 512 * 6 * 6),
 }
 MODEL_NAMES = tuple(SPECS)
+# Grad-CAM's layer per model: the module whose output is the last convolutional block, before the
+# final pooling (explain.py). The sizes are its output for a 48x48 face: the map's resolution.
+CAM_LAYER = {
+    "vgg2_0_2": "features",      # the VGG prefix itself: 128 x 24 x 24 (the body only pools)
+    "vgg2_2_2": "body.2",        # cbp 256 -> 512: 512 x 12 x 12
+    "vgg2_4_2_conv3": "body.4",  # cbp 256 -> 512: 512 x 12 x 12
+    "vgg2_4_2_conv5": "body.4",  # cbp 256 -> 512: 512 x 6 x 6
+    "vgg2_4_ilrb_2": "body.4",   # inverted residual 256 -> 512: 512 x 12 x 12
+}
 
 
 class _SharedSlopePReLU(torch.autograd.Function):

@@ -372,13 +372,15 @@ def warn(message):
     tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
-def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print):
+def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print, on_faces=None):
     """Find, crop and classify the faces in photos (files or folders), one photo at a time; write
     annotated copies under out_dir/annotated/ and faces.csv / faces.json (boxes x, y, w, h in the
     pixels of the file; a photo without a face gets one row with emotion 'no face'). Unusable
     inputs are named in a warning and skipped.
 
     `predict_faces(faces)` maps uint8 faces (N, 48, 48) to probabilities (N, 7).
+    `on_faces(annotated_path, faces, probs)`, when given, also receives each photo's crops (for
+    infer.py --explain).
     Returns {"processed": n, "skipped": [{file, reason}], "faces": [...], csv, json, ...};
     raises UserError when not a single image could be processed."""
     import cv2
@@ -411,6 +413,8 @@ def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print):
         crops = [crop_face(grey, box, FACE_MARGIN if detect else 0.0) for box in boxes]
         probs = predict_faces(np.stack(crops)) if crops else []
         target = os.path.join(annotated_dir, unique_name(name, used_names))
+        if on_faces is not None and crops:
+            on_faces(target, np.stack(crops), probs)
         rows += photo_rows(path, boxes, probs, factor, class_names, target)
         labels = [(box, class_names[int(p.argmax())], float(p.max())) for box, p in zip(boxes, probs)]
         try:
