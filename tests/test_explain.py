@@ -19,13 +19,7 @@ from test_infer import random_model, run_cli, save_checkpoint
 HAPPY, SAD, NEUTRAL = (utils.EMOTIONS.index(e) for e in ("Happy", "Sad", "Neutral"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches on a shared 2-core machine: one thread avoids threads waiting for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

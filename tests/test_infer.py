@@ -87,13 +87,7 @@ def peak_rss_mb():
 
 # ----------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batches on a shared 2-core machine: one thread avoids spinning threads (30x faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

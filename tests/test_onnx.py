@@ -24,13 +24,7 @@ needs_onnx = pytest.mark.skipif(
            "(pip install -r requirements-dev.txt)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches on a shared 2-core machine: one thread (PyTorch's and onnxruntime's)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
