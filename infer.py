@@ -38,7 +38,7 @@ import checkpoint
 import dataset
 import photos
 from utils import (DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, Parser, UserError, amp_dtype_for,
-                   atomic_write, check_writable, eval_batch_size, flag, reuse_freed_memory, run_cli,
+                   atomic_write, check_writable, eval_batch_size, flag, run_cli,
                    save_figure, save_json, select_device)
 
 TTA_MODES = ("none", "flip", "tencrop")
@@ -436,7 +436,6 @@ def main(argv=None):
         print(f"wrote {args.export} ({size:.1f} MiB)")
         return 0
     device = select_device(args.device)
-    reuse_freed_memory(device)  # each batch's large activations reuse memory, not fault it in again
     models = load_models(paths, device)
     data = None
     if args.images is None or args.dataset is not None:
