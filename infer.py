@@ -52,8 +52,8 @@ import explain
 import onnx_model
 import photos
 from utils import (DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, Parser, UserError, atomic_write,
-                   autocast_dtype, check_writable, device_flags, eval_batch_size, flag, one_of,
-                   reuse_freed_memory, run_cli, save_figure, save_json, select_device)
+                   autocast_dtype, check_writable, device_flags, eval_batch_size, flag, one_of, run_cli,
+                   save_figure, save_json, select_device)
 
 TTA_MODES = ("none", "flip", "tencrop")
 CROP = 44  # tencrop: crops of 44 x 44 pixels, resized back to 48 x 48
@@ -579,7 +579,6 @@ def main(argv=None):
         raise UserError("--explain needs gradients, which ONNX files do not give: pass the .pth "
                         "checkpoint(s) for Grad-CAM")
     device = select_device(args.device)
-    reuse_freed_memory(device)  # each batch's large activations reuse memory, not fault it in again
     models = load_models(paths, device)
     data = None
     if (args.images is None and args.video is None) or args.dataset is not None:

@@ -228,7 +228,7 @@ def place_labels(boxes, sizes, height):
     for i in sorted(range(len(boxes)), key=lambda i: (boxes[i][1], boxes[i][0])):
         if sizes[i] is None:
             continue
-        (x, y, w, h), (lw, lh) = boxes[i], sizes[i]
+        (x, y, _, h), (lw, lh) = boxes[i], sizes[i]
         blockers = [(t, b) for left, right, t, b in placed if left < x + lw and x < right]
         wanted = (y - lh, y + h)
         candidates = {*wanted, y, 0, height - lh, *(b for _, b in blockers),

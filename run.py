@@ -213,6 +213,22 @@ def make_optimizer(model, args):
     return torch.optim.Adadelta(params, lr=args.lr)
 
 
+def training_parts(model, args, train_labels, device):
+    """`model` on `device` in the flags' memory format, and what trains it as the flags ask:
+    (model, optimizer, loss_fn, weight average or None, fp16 loss scaler or None, autocast dtype
+    or None). run.main and tools/bench.py both call this."""
+    model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, args)
+    amp_dtype = autocast_dtype(args.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    weights = train.class_weights(train_labels).to(device) if args.wl else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
+    ema = train.weight_average(model, args.ema_decay) if args.ema_decay else None
+    return model, optimizer, loss_fn, ema, scaler, amp_dtype
+
+
 def setup_distributed(device_name):
     """(rank, world size, device); torchrun's environment turns on DistributedDataParallel."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -314,17 +330,9 @@ def main(argv):
         model.train()
     else:
         model, used_imagenet = build_model(args.model, "no" if resume is not None else args.pretrained)
-    model.to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, args)
-    amp_dtype = autocast_dtype(args.amp, device)
+    model, optimizer, loss_fn, ema, scaler, amp_dtype = training_parts(model, args, train_y, device)
     if args.amp and amp_dtype is None:
         log(f"note: --amp needs CUDA or a CPU with bf16 support; training in fp32 on {device.type}")
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    weights = train.class_weights(train_y).to(device) if args.wl else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
-    ema = train.weight_average(model, args.ema_decay) if args.ema_decay else None
 
     state = train.TrainState()
     if resume is not None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import NUM_CLASSES, UserError, eval_batch_size
+from utils import NUM_CLASSES, UserError
 
 
 @dataclass

@@ -209,9 +209,10 @@ def reuse_freed_memory(device):
     for reuse (GPU activations live in the GPU's own caching allocator: nothing to do there).
 
     By default glibc hands blocks over 32 MB to fresh mmap()s and unmaps them on free, so every
-    large activation of every training step page-faults its memory in again: on the dev CPU a
-    PReLU over a 64x1024x24x24 bf16 tensor took 34 ms that way against 4.4 ms from reused memory,
-    and whole training steps ran 8-30% faster with reuse. The price is that the process does not
+    large activation of every training step page-faults its memory in again. tools/bench.py
+    --compare_reuse on the 2-core dev CPU (bf16, shared with a training run): vgg2_4_ilrb_2 trains
+    1.35x faster with reuse, vgg2_4_2_conv3 the same (1.0x), evaluation no faster, so only run.py
+    calls it (results/bench_hacks_cpu*.json). The price is that the process does not
     return its peak memory to the system until it exits. Returns whether the setting took effect
     (False for other devices, and off glibc, e.g. macOS, Windows, musl)."""
     import ctypes

@@ -16,7 +16,6 @@ import infer
 import photos
 import synthetic
 import checkpoint
-import train
 import utils
 from models import FerNet
 

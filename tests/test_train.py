@@ -269,9 +269,7 @@ def free_port():
 
 def test_two_process_gloo_run_trains_once_and_agrees(faces_csv, tmp_path):
     """torchrun with 2 CPU processes: one set of files, identical weights, far above chance."""
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(free_port()), "run.py", *run_args(faces_csv, tmp_path, "-m", "vgg2_0_2",
                "--epoch_num", "4", "--batch_size", "32", "--optimizer", "adamw", "--erase_p", "0",

@@ -1,15 +1,12 @@
 """infer.py --video: per-frame rows, tracks, the annotated video, timeline and summary, and bad
 inputs; all on small clips made here from a real face photo (skimage's astronaut)."""
 import json
-import os
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-import infer
 import photos
 import utils
 from tests.test_infer import random_model, run_cli, save_checkpoint
