@@ -141,7 +141,7 @@ def measure_ours(spec):
     from models import build_model
     from utils import eval_batch_size, reuse_freed_memory, seed_everything, select_device
     argv = ["-m", spec["model"], "--pretrained", "no", "--device", spec["device"],
-            "--threads", str(spec["threads"])] + ["--amp"] * spec["amp"]
+            "--threads", str(spec["threads"])] + ["--amp" if spec["amp"] else "--no-amp"]
     args, _, _ = run.resolve_run(run.get_args_parser(), argv)
     device = select_device(args.device)
     reuse = reuse_freed_memory(device) if spec["variant"] != "no_reuse" else False
@@ -397,7 +397,7 @@ def get_args_parser():
                    help="also measure ours with torch.nn.PReLU in place of models.PReLU")
     p.add_argument("--skip_usual", action="store_true", help="do not measure the usual pipeline")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    p.add_argument("--amp", action="store_true", help="ours with run.py --amp (bf16 autocast)")
+    p.add_argument("--amp", action="store_true", help="ours with run.py --amp (bf16 autocast); without it, ours runs --no-amp (fp32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: run.py's default, all cores)")
     p.add_argument("--out", default="outputs/bench.json", help="JSON file to write")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
