@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -277,3 +278,31 @@ def test_diverged_weights_are_never_saved_even_on_ctrl_c(tiny_csv, tmp_path, mon
     last = torch.load(tmp_path / "ckpt/r/vgg2_0_2_last.pth", weights_only=True)
     assert last["train_state"]["step"] == 4
     assert all(v.isfinite().all() for v in last["model_state"].values() if v.is_floating_point())
+
+
+def test_a_checkpoint_of_the_previous_format_resumes_and_predicts(tiny_csv, tmp_path):
+    """Format 1 (written until the restructuring, e.g. by a long run still going on): progress
+    at the top level, the stopper's attributes, partial training sums, an output folder, no
+    weight average, the old flag name num_workers."""
+    import infer
+    assert run.main(quick_run(tiny_csv, tmp_path, "--epoch_num", "2", "--ema_decay", "0")) == 0
+    last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    new = torch.load(last, weights_only=True)
+    progress = new.pop("train_state")
+    old_args = {k: v for k, v in new["args"].items()
+                if k not in ("ema_decay", "threads", "checkpoint_dir", "init_from", "amp")}
+    old = dict(new, format_version=1, step=4, epoch=1.0, lr_factor=1.0, elapsed=1.0,
+               stopper={"patience": 10, "mode": "loss", "best": progress["history"][0]["val_loss"],
+                        "bad": 0},
+               history=progress["history"][:1], running=torch.zeros(3),
+               out_dir=str(tmp_path / "old_outputs"),
+               args=dict(old_args, num_workers=0, checkpoint="./checkpoint/", amp=False))
+    for key in ("ema_state", "ema_updates"):
+        old.pop(key)
+    torch.save(old, last)
+    assert infer.predict(infer.load_models(str(last)), np.zeros((2, 48, 48), np.uint8)).shape == (2, 7)
+    assert run.main(["--checkpoint", str(last), "-o", str(tmp_path / "out")]) == 0
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["format_version"] == checkpoint.FORMAT and resumed["ema_state"] is None
+    assert [h["step"] for h in resumed["train_state"]["history"]] == [4, 8]
+    assert not (tmp_path / "old_outputs").exists()

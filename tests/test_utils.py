@@ -33,9 +33,12 @@ def faults_per_round(mode):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_reuse_freed_memory_stops_large_tensors_faulting_in_again():
     plain, reuse = faults_per_round("plain"), faults_per_round("reuse")
-    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
-    # By default every round maps fresh memory and touches every page of it again ...
-    assert min(plain["faults"][-5:]) > pages // 2
-    # ... with reuse, once the heap has grown to fit, the rounds reuse memory already touched.
-    assert reuse["took"] is True
-    assert max(reuse["faults"][-5:]) < pages // 20
+    if not reuse["took"]:
+        pytest.skip("this C library has no mallopt")
+    fresh, reused = min(plain["faults"][-5:]), max(reuse["faults"][-5:])
+    if fresh < 100:  # e.g. huge pages: a 64 MB block faults in a few times, nothing to compare
+        pytest.skip(f"large blocks fault in only {fresh} times per round here")
+    # By default every round maps fresh memory and faults it in again; with reuse, once the heap
+    # has grown to fit, the rounds reuse memory already touched: far fewer faults, whatever the
+    # page size.
+    assert reused * 10 < fresh, (plain, reuse)
