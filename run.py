@@ -7,6 +7,7 @@ train_one_epoch the same way.
 import argparse
 import csv
 import glob
+import io
 import os
 import sys
 import time
@@ -18,7 +19,7 @@ import dataset
 import infer
 import train
 from models import MODEL_NAMES, build_model
-from utils import (DEFAULT_CSV, EMOTIONS, Parser, UserError, autocast_dtype, check_writable, device_flags, flag,
+from utils import (DEFAULT_CSV, EMOTIONS, Parser, UserError, atomic_write, autocast_dtype, check_writable, device_flags, flag,
                    eval_batch_size, one_of, reuse_freed_memory, run_cli, save_figure, save_json,
                    seed_everything, select_device)
 
@@ -277,11 +278,11 @@ def claim_run_folder(ckpt_dir, resuming, model_name):
 
 def write_history(history, out_dir):
     save_json(history, os.path.join(out_dir, "history.json"))
-    with open(os.path.join(out_dir, "history.csv"), "w", newline="") as f:
-        if history:
-            writer = csv.DictWriter(f, fieldnames=list(history[-1]))
-            writer.writeheader()
-            writer.writerows(history)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(history[-1]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(os.path.join(out_dir, "history.csv"), lambda f: f.write(text.getvalue().encode()))
 
 
 def plot_curves(history, path):

@@ -42,6 +42,10 @@ def run_cli(main, argv=None):
     except Exception as err:  # a bug or an unexpected environment: short message, traceback on demand
         if debug:
             raise
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" while writing {err.filename}" if err.filename else ""
+            print(f"error: the disk is full (no space left on device){where}", file=sys.stderr)
+            sys.exit(2)
         print(f"error: {type(err).__name__}: {clip(err, 2000)}\n(run again with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(1)

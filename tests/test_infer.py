@@ -274,6 +274,8 @@ def test_default_output_folder_names_the_checkpoint():
     assert infer.default_output_dir(["checkpoint/run1/vgg2_0_2_best.pth"]) == os.path.join(
         "outputs", "infer", "run1", "vgg2_0_2_best")
     assert "ensemble" in infer.default_output_dir(["a/x.pth", "b/y.pth"])
+    # each --images call gets its own folder, so no folder mixes two calls' files
+    assert os.path.basename(infer.default_output_dir(["a/x.pth"], images=True)).startswith("photos_")
 
 
 def test_fp16_checkpoint_and_run_folder(ckpts, split, tmp_path):

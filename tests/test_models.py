@@ -66,11 +66,11 @@ def write_fake_imagenet_weights(torch_home):
     torch.save(state, os.path.join(folder, os.path.basename(VGG11_BN_Weights.IMAGENET1K_V1.url)))
 
 
-def test_imagenet_weights_load_into_the_prefix_from_the_cache(tmp_path, monkeypatch):
+def test_imagenet_weights_load_into_the_prefix_from_the_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     write_fake_imagenet_weights(str(tmp_path))
     model, used = models.build_model("vgg2_2_2", "yes")
-    assert used
+    assert used and "downloading" not in capsys.readouterr().err
     assert torch.all(model.features[0].weight == 0.25)
     assert torch.all(model.features[5].running_var == 0.25)
     assert torch.allclose(model.mean.flatten(), torch.tensor(models.IMAGENET_MEAN))
@@ -98,7 +98,9 @@ def test_pretrained_auto_without_weights_warns_and_starts_random(tmp_path, monke
     offline(monkeypatch, tmp_path)
     model, used = models.build_model("vgg2_0_2", "auto")
     assert not used
-    assert "random initialisation" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "random initialisation" in err
+    assert "downloading the VGG11-BN ImageNet weights (507 MB" in err  # said before trying
     assert torch.allclose(model.mean.flatten(), torch.tensor(models.PLAIN_MEAN))
 
 

@@ -306,3 +306,16 @@ def test_a_checkpoint_of_the_previous_format_resumes_and_predicts(tiny_csv, tmp_
     assert resumed["format_version"] == checkpoint.FORMAT and resumed["ema_state"] is None
     assert [h["step"] for h in resumed["train_state"]["history"]] == [4, 8]
     assert not (tmp_path / "old_outputs").exists()
+
+
+def test_resume_says_when_best_is_newer_than_last(tiny_csv, tmp_path, capsys):
+    assert run.main(quick_run(tiny_csv, tmp_path, "--epoch_num", "2")) == 0
+    folder = tmp_path / "ckpt" / "r"
+    ckpt = torch.load(folder / "vgg2_0_2_last.pth", weights_only=True)
+    ckpt["train_state"]["step"] = 4
+    torch.save(ckpt, folder / "vgg2_0_2_last.pth")
+    later = time.time() + 60
+    os.utime(folder / "vgg2_0_2_best.pth", (later, later))  # as when a kill cut a save short
+    capsys.readouterr()
+    assert run.main(["--checkpoint", str(folder / "vgg2_0_2_last.pth"), "-o", str(tmp_path / "o")]) == 0
+    assert f"{folder / 'vgg2_0_2_best.pth'} is newer than" in capsys.readouterr().out

@@ -322,3 +322,35 @@ def test_synthetic_data_gets_its_own_defaults_unless_typed():
     assert args.erase_p == 0.3 and args.epoch_num == 2
     args, _, _ = run.resolve_run(parser, ["-d", "fer.csv"])
     assert args.epoch_num == 50 and args.erase_p == 0.5
+
+
+def test_fine_tuning_and_resuming_never_fetch_imagenet_weights(tiny_csv, tmp_path, monkeypatch):
+    import models
+    assert run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "1")) == 0
+
+    def no_fetch():
+        raise AssertionError("the ImageNet weights were fetched, to be overwritten")
+    monkeypatch.setattr(models, "imagenet_prefix_state", no_fetch)
+    source = tmp_path / "ckpt" / "r" / "vgg2_0_2_best.pth"
+    argv = ["-d", tiny_csv, "-m", "vgg2_0_2", "--init_from", str(source), "--pretrained", "auto",
+            "--checkpoint_dir", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"),
+            "--run_name", "tuned", "--epoch_num", "1", "--num_save", "0"]
+    assert run.main(argv) == 0
+
+
+def test_help_is_grouped_with_examples_and_one_default_each(capsys):
+    with pytest.raises(SystemExit):
+        run.get_args_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for group in ("data:", "model:", "optimisation:", "schedule and stopping:", "augmentation:",
+                  "checkpoints and outputs:", "hardware:", "examples:"):
+        assert group in text
+    assert "(default: None)" not in text and text.count("vgg2_4_ilrb_2") == 1
+
+
+def test_a_validation_line_gives_the_epoch_time_and_what_is_left(tiny_csv, tmp_path, capsys):
+    assert run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "2")) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("epoch 1.00/2:")]
+    assert len(lines) == 1 and " s/epoch, " in lines[0] and lines[0].endswith("min to go")
+    assert "first training step" not in out  # no developer messages
