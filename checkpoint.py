@@ -20,6 +20,7 @@ from utils import EMOTIONS, UserError, save_torch
 
 FORMAT = 2  # 1: before the TrainState (still read: the shipped exports and older runs)
 EXPORT = "export"  # the `kind` of an inference-only file
+PATH_ARGS = ("dataset", "checkpoint", "checkpoint_dir", "output", "init_from")  # run.py's path flags
 
 
 def training_checkpoint(kind, model_name, model, optimizer, state, args, run_name, rng, *,
@@ -60,8 +61,9 @@ def _upgrade(ckpt):
                                "lr_factor": ckpt.get("lr_factor", 1.0),
                                "elapsed": ckpt.get("elapsed", 0.0),
                                "history": list(ckpt.get("history", []))}
-    for key in ("stopper", "running", "out_dir", "step", "lr_factor", "elapsed"):
-        ckpt.pop(key, None)
+        for key in ("stopper", "running", "step", "lr_factor", "elapsed"):
+            ckpt.pop(key, None)
+    ckpt.pop("out_dir", None)
     ckpt["format_version"] = FORMAT
     return ckpt
 
@@ -154,10 +156,14 @@ def export(path, destination):
         import onnx_model  # its packages are optional: needed only here
         step = ckpt.get("train_state", {}).get("step", ckpt.get("step"))
         return onnx_model.export(model, destination, {
-            "run_name": ckpt.get("run_name"), "dataset": ckpt.get("dataset"), "step": step,
+            "run_name": ckpt.get("run_name"), "dataset": os.path.basename(ckpt.get("dataset") or ""), "step": step,
             "pretrained_used": ckpt.get("pretrained_used"), "source": os.path.basename(path)})
-    keep = ("model_name", "class_names", "pretrained_used", "args", "run_name", "dataset")
+    keep = ("model_name", "class_names", "pretrained_used", "run_name", "step")
     small = {k: ckpt[k] for k in keep if k in ckpt}
+    # The run's settings travel with the weights, but not this machine's paths (only file names).
+    small["args"] = {k: os.path.basename(v) if k in PATH_ARGS and isinstance(v, str) else v
+                     for k, v in ckpt.get("args", {}).items()}
+    small["dataset"] = os.path.basename(ckpt["dataset"]) if ckpt.get("dataset") else None
     if "train_state" in ckpt:
         small["history"] = ckpt["train_state"]["history"]
         small["step"] = ckpt["train_state"]["step"]

@@ -1,6 +1,6 @@
 """FER2013 in the Kaggle CSV layout: parsed once, vectorised, cached as uint8 arrays.
 
-    python3 dataset.py -d ../shared/data/fer2013.csv.gz   # class table + bar chart in ./outputs
+    python3 dataset.py -d ../shared/data/fer2013.csv.gz   # rows, splits and the class table
     python3 dataset.py -d synthetic                         # the built-in synthetic faces
 
 The CSV has a header `emotion,pixels,Usage` (the competition's icml_face_data.csv writes
@@ -27,13 +27,13 @@ PIXELS = SIDE * SIDE
 SYNTHETIC_CSV = "./data/synthetic.csv"
 CACHE_VERSION = 1
 # Why a row is bad, by code; 0 means good.
-BAD_REASONS = {1: "has {n} pixel values instead of 2304",
+BAD_REASONS = {1: f"has {{n}} pixel values instead of {PIXELS}",
                2: "has pixels that are not whole numbers in 0-255",
                3: "has an emotion label outside 0-6",
                4: "has an unknown Usage (not Training, PublicTest or PrivateTest)"}
 WHERE_TO_GET = ("FER2013 comes from the Kaggle challenge 'Challenges in Representation Learning: "
                 "Facial Expression Recognition' (fer2013.csv, or icml_face_data.csv); put it at "
-                "./data/fer2013.csv or pass its path with -d. To try the tool without it, use the "
+                f"{DEFAULT_CSV} or pass its path with -d. To try the tool without it, use the "
                 "built-in synthetic faces: -d synthetic.")
 
 

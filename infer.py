@@ -251,6 +251,8 @@ def save_faces(images, labels, pred, class_names, out_dir, indices):
     for i in indices:
         path = os.path.join(folder, f"{class_names[pred[i]]}_{i}.png")
         ok, buf = cv2.imencode(".png", np.ascontiguousarray(images[i]))
+        if not ok:
+            raise OSError(f"could not encode {path} as PNG")
         atomic_write(path, lambda f: f.write(buf.tobytes()))
         paths.append(path)
     return paths
@@ -313,19 +315,21 @@ def explain_saved_faces(models, images, labels, probs, indices, face_paths, expl
     return paths, grid
 
 
-def explain_photo_faces(models, found, out_dir, explain_class=None, batch_size=None, device="cpu",
+def report_maps(cams, grid, out_dir):
+    print(f"wrote {len(cams)} Grad-CAM map(s) to {os.path.join(out_dir, 'cams')}"
+          + (" and explain_grid.png" if grid else ""))
+
+
+def explain_found_faces(models, found, out_dir, explain_class=None, batch_size=None, device="cpu",
                         grid_faces=64):
-    """Grad-CAM maps of every face found in photos: `found` holds (annotated photo path, faces,
-    probs) per photo (photos.classify_photos' on_faces). Writes cams/<photo>_face<j>.png (the
-    48x48 crop) and cams/<photo>_face<j>_cam.png, and explain_grid.png of the first `grid_faces`
-    faces. Returns (map paths, grid path or None)."""
+    """Grad-CAM maps of faces found in photos or video frames: `found` holds (name, faces, probs)
+    per photo or frame. Writes cams/<name>_face<j>.png (the 48x48 crop) and
+    cams/<name>_face<j>_cam.png, and explain_grid.png of the first `grid_faces` faces.
+    Returns (map paths, grid path or None)."""
     import cv2
-    annotated_dir = os.path.join(out_dir, "annotated")
     faces, probs, stems = [], [], []
-    for target, crops, p in found:
-        stem = os.path.splitext(os.path.relpath(target, annotated_dir))[0]
-        for j in range(len(crops)):
-            stems.append(os.path.join(out_dir, "cams", f"{stem}_face{j}"))
+    for name, crops, p in found:
+        stems += [os.path.join(out_dir, "cams", f"{name}_face{j}") for j in range(len(crops))]
         faces.append(crops)
         probs.append(np.asarray(p))
     if not stems:
@@ -335,6 +339,8 @@ def explain_photo_faces(models, found, out_dir, explain_class=None, batch_size=N
     cams = explain.explain_faces(models, faces, classes, batch_size or 64, device)
     for face, stem in zip(faces, stems):  # the crop the map belongs to, as the model saw it
         ok, buf = cv2.imencode(".png", np.ascontiguousarray(face))
+        if not ok:
+            raise OSError(f"could not encode {stem}.png as PNG")
         atomic_write(f"{stem}.png", lambda f: f.write(buf.tobytes()))
     paths = explain.save_cam_images(faces, cams, [f"{stem}_cam.png" for stem in stems])
     k = min(grid_faces, len(faces))
@@ -475,60 +481,74 @@ def emotion(value):
 def get_args_parser():
     p = Parser(prog="infer.py",
                description="Judge trained checkpoints on a FER2013 split, or classify the faces in "
-                           "your photos.",
+                           "your photos and videos.",
                epilog="examples:\n" + __doc__.split("\n\n")[1])
-    flag(p, "--checkpoint", "-c", nargs="+", required=True, metavar="PATH",
-         help="checkpoint file(s) (or a run folder with one *_best.pth); several make an "
-              "ensemble whose probabilities are averaged")
-    flag(p, "-d", "--dataset", default=None,
-         help="FER2013-layout CSV, or 'synthetic' (default: the data set the checkpoint was trained "
-              f"on, else {DEFAULT_CSV}; with --images a split is evaluated only when -d is given)")
-    flag(p, "--split", choices=("train", "val", "test"), default="test",
-         help="which split to evaluate: Training, PublicTest or PrivateTest (default: test)")
-    flag(p, "-o", "--output", default=None,
-         help="output folder (default: outputs/infer/<checkpoint folder>/<checkpoint name>)")
-    flag(p, "--batch_size", type=int, default=None,
-         help="faces per batch (default: 64 on a CPU, 512 on a GPU)")
-    device_flags(p)
-    flag(p, "--num_save", type=int, default=16,
-         help="faces of the split saved as images and shown in the grid (default: 16)")
-    flag(p, "--tta", choices=TTA_MODES, default="none",
+    g = p.add_argument_group("model")
+    flag(g, "--checkpoint", "-c", nargs="+", required=True, metavar="PATH",
+         help="checkpoint file(s) (.pth or .onnx, or a run folder with one *_best.pth); several "
+              "make an ensemble whose probabilities are averaged")
+    flag(g, "--tta", choices=TTA_MODES, default="none",
          help="test-time augmentation: flip (mirror) or tencrop (corners, centre, mirrors); the "
               "result without it is reported too (default: none)")
-    flag(p, "--images", nargs="+", metavar="PATH",
+    flag(g, "--export", metavar="FILE",
+         help="write an inference-only copy of the checkpoint to FILE, then stop: FILE.onnx an fp32 "
+              "ONNX model (dynamic batch, normalisation inside; needs onnxscript), any other name "
+              "the small PyTorch file (fp16 weights, no optimiser state)")
+
+    g = p.add_argument_group("split report")
+    flag(g, "-d", "--dataset", default=None,
+         help="FER2013-layout CSV, or 'synthetic' (default: the data set the checkpoint was trained "
+              f"on, else {DEFAULT_CSV}; with --images or --video a split is evaluated only when -d "
+              "is given)")
+    flag(g, "--split", choices=tuple(SPLITS), default="test",
+         help="which split to evaluate: Training, PublicTest or PrivateTest (default: test)")
+    flag(g, "--num_save", type=int, default=16,
+         help="faces of the split saved as images and shown in the grid (default: 16)")
+    flag(g, "--skip_bad_rows", action="store_true",
+         help="drop malformed CSV rows (with a warning that counts them)")
+
+    g = p.add_argument_group("photos and videos")
+    flag(g, "--images", nargs="+", metavar="PATH",
          help="photos or folders of photos to classify (every format OpenCV reads)")
-    flag(p, "--no_detect", dest="detect", action="store_false",
+    flag(g, "--no_detect", dest="detect", action="store_false",
          help="with --images: each image is one already-cropped face (no face detection)")
-    flag(p, "--video", nargs="+", metavar="PATH|INDEX",
+    flag(g, "--video", nargs="+", metavar="PATH|INDEX",
          help="video files, folders of videos, or camera numbers (0: the first camera, until "
               "Ctrl-C): per-frame emotions of tracked faces, an annotated video, a timeline")
-    flag(p, "--every", type=int, default=1, metavar="N",
+    flag(g, "--every", type=int, default=1, metavar="N",
          help="with --video: analyse every N-th frame (default: 1, all)")
-    flag(p, "--detect_every", type=int, default=photos.DETECT_EVERY, metavar="K",
+    flag(g, "--detect_every", type=int, default=photos.DETECT_EVERY, metavar="K",
          help="with --video: look for faces on every K-th analysed frame, the tracker carries the "
               f"boxes in between (default: {photos.DETECT_EVERY}; 1: detect on every frame)")
-    flag(p, "--no_smooth", dest="smooth", action="store_false",
+    flag(g, "--no_smooth", dest="smooth", action="store_false",
          help=f"with --video: label each frame on its own in the annotated video (default: the mean "
               f"of a track's last {photos.SMOOTH_FRAMES} frames; frames.csv always has raw values)")
-    flag(p, "--show", action="store_true",
+    flag(g, "--show", action="store_true",
          help="with --video: show the annotated frames in a window (needs OpenCV with GUI support; "
               "q or Esc there acts as Ctrl-C)")
-    flag(p, "--skip_bad_rows", action="store_true",
-         help="drop malformed CSV rows (with a warning that counts them)")
-    flag(p, "--explain", action="store_true",
+
+    g = p.add_argument_group("explanations")
+    flag(g, "--explain", action="store_true",
          help="Grad-CAM heat maps of the predicted class over each reported face: the --num_save "
               "faces of a split (faces/<Emotion>_<i>_cam.png), every face of --images "
               "(cams/<photo>_face<j>_cam.png beside the crop), and explain_grid.png; maps come from "
               "each model's last convolutional block, on the face without TTA; an ensemble shows "
-              "the average of its members' maps")
-    flag(p, "--explain_class", type=emotion, metavar="EMOTION",
+              "the average of its members' maps; with --video see --explain_every")
+    flag(g, "--explain_every", type=int, default=25, metavar="N",
+         help="with --explain and --video: maps for the faces of every N-th analysed frame that has "
+              "faces, in <video folder>/cams/frame<index>_face<j>_cam.png (default: 25)")
+    flag(g, "--explain_class", type=emotion, metavar="EMOTION",
          help=f"with --explain (implied): explain this class instead of the predicted one "
               f"({', '.join(EMOTIONS)})")
-    flag(p, "--export", metavar="FILE",
-         help="write an inference-only copy of the checkpoint to FILE, then stop: FILE.onnx an fp32 "
-              "ONNX model (dynamic batch, normalisation inside; needs onnxscript), any other name "
-              "the small PyTorch file (fp16 weights, no optimiser state)")
-    flag(p, "--debug", action="store_true", help="show tracebacks")
+
+    g = p.add_argument_group("output and hardware")
+    flag(g, "-o", "--output", default=None,
+         help="output folder (default: outputs/infer/<checkpoint folder>/<checkpoint name>, and "
+              "a photos_<time> or video_<time> folder inside it for photos and videos)")
+    flag(g, "--batch_size", type=int, default=None,
+         help="faces per batch (default: 64 on a CPU, 512 on a GPU)")
+    device_flags(g)
+    flag(g, "--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -563,6 +583,13 @@ def main(argv=None):
         parser.error("--every and --detect_every must be at least 1")
     if args.video is not None and not args.detect:
         parser.error("--no-detect applies to --images only (video frames are searched for faces)")
+    video_flags = [name for name, used in (("--every", args.every != 1), ("--show", args.show),
+                                           ("--detect_every", args.detect_every != photos.DETECT_EVERY),
+                                           ("--no_smooth", not args.smooth)) if used]
+    if video_flags and args.video is None:
+        parser.error(f"{', '.join(video_flags)} apply to --video only")
+    if args.explain_every < 1:
+        parser.error("--explain_every must be at least 1")
     paths = [checkpoint.resolve(p) for p in args.checkpoint]
     explaining = args.explain or args.explain_class is not None
     if args.export:
@@ -583,8 +610,9 @@ def main(argv=None):
     data = None
     if (args.images is None and args.video is None) or args.dataset is not None:
         data = dataset.load_fer2013(training_data(paths, args.dataset), args.skip_bad_rows)
-    out_dir = args.output or default_output_dir(paths, images=data is None,
-                                                kind="photos" if args.images else "video")
+    out_dir = args.output or default_output_dir(
+        paths, images=args.images is not None or args.video is not None,
+        kind="photos" if args.images else "video")
     check_writable(out_dir)
     amp_dtype = autocast_dtype(args.amp, device)
     onnx_note = (", ONNX through onnxruntime on the CPU"
@@ -600,21 +628,31 @@ def main(argv=None):
                    split_name=f"{args.split} ({SPLITS[args.split]})", models=models,
                    explain_maps=explaining, explain_class=args.explain_class)
         if args.images is not None:
-            found = []  # with --explain: (annotated photo, its face crops, their probabilities)
+            found = []  # with --explain: (photo's name, its face crops, their probabilities)
+            annotated = os.path.join(out_dir, "annotated")
             photos.classify_photos(
                 args.images, lambda faces: predict(models, faces, args.tta, args.batch_size, device),
-                out_dir, args.detect, on_faces=(lambda *face: found.append(face)) if explaining else None)
+                out_dir, args.detect, on_faces=(lambda target, crops, probs: found.append(
+                    (os.path.splitext(os.path.relpath(target, annotated))[0], crops, probs)))
+                if explaining else None)
             if explaining:
-                cams, _ = explain_photo_faces(models, found, out_dir, args.explain_class,
-                                              args.batch_size, device)
-                print(f"wrote {len(cams)} Grad-CAM map(s) to {os.path.join(out_dir, 'cams')}"
-                      + (" and explain_grid.png" if cams else ""))
+                report_maps(*explain_found_faces(models, found, out_dir, args.explain_class,
+                                                 args.batch_size, device), out_dir)
         if args.video is not None:
             if device.type == "cpu":  # batches of 1-3 faces: a second thread only spins (README
                 torch.set_num_threads(1)  # "Video": 2 against 21 frames/s), OpenCV has the other core
+            frames = {}  # with --explain: video folder -> [(frame name, crops, probabilities)]
+
+            def keep_frame(folder, name, crops, probs):  # every --explain_every-th frame with faces
+                kept = frames.setdefault(folder, [])
+                kept.append((name, crops, probs) if len(kept) % args.explain_every == 0 else None)
             photos.classify_videos(
                 args.video, lambda faces: predict(models, faces, args.tta, args.batch_size, device),
-                out_dir, args.every, args.detect_every, args.smooth, args.show)
+                out_dir, args.every, args.detect_every, args.smooth, args.show,
+                on_faces=keep_frame if explaining else None)
+            for folder, kept in frames.items():
+                report_maps(*explain_found_faces(models, [k for k in kept if k], folder,
+                                                 args.explain_class, args.batch_size, device), folder)
     return 0
 
 

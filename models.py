@@ -13,7 +13,7 @@ import sys
 import torch
 from torch import nn
 
-from utils import NUM_CLASSES, UserError
+from utils import NUM_CLASSES, SIDE, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -201,7 +201,7 @@ def gflops_per_image(model):
     was_training = model.training
     model.eval()
     with counter, torch.no_grad():
-        model(torch.zeros(1, 1, 48, 48))
+        model(torch.zeros(1, 1, SIDE, SIDE))
     model.train(was_training)
     return counter.get_total_flops() / 1e9
 
@@ -212,7 +212,7 @@ def summary_table():
         model = FerNet(name)
         params = sum(p.numel() for p in model.parameters())
         with torch.no_grad():
-            shape = tuple(model.eval()(torch.zeros(2, 1, 48, 48)).shape)
+            shape = tuple(model.eval()(torch.zeros(2, 1, SIDE, SIDE)).shape)
         rows.append(f"| {name} | {params:,} | {gflops_per_image(model):.2f} | {shape} |")
     return "\n".join(rows)
 

@@ -92,7 +92,11 @@ class OnnxModel(torch.nn.Module):
         if self.metadata.get("format") != FORMAT or "model_name" not in self.metadata:
             raise UserError(f"{path} is an ONNX model but not one exported by this tool "
                             "(infer.py --checkpoint X.pth --export FILE.onnx writes them)")
-        if names is None or json.loads(names) != list(EMOTIONS):
+        try:
+            same_classes = names is not None and json.loads(names) == list(EMOTIONS)
+        except ValueError:  # not JSON: not ours either
+            same_classes = False
+        if not same_classes:
             raise UserError(f"{path} names its classes {names[:200] if names else None}; this tool's "
                             f"classes are {', '.join(EMOTIONS)}, so the file is refused")
         self.name = self.metadata["model_name"]

@@ -641,13 +641,16 @@ def open_preview():
 
 def classify_video(source, name, predict_faces, out_dir, cascade=None, every=1,
                    detect_every=DETECT_EVERY, detect_side=VIDEO_DETECT_SIDE, smooth=True,
-                   show=False, log=print):
+                   show=False, log=print, on_faces=None):
     """Find, track and classify the faces of a video file or camera; write into out_dir:
     frames.csv (one row per face per analysed frame, a 'no face' row for a frame without one;
     flushed frame by frame), annotated.mp4 (at the analysed frame rate), timeline.png and
     summary.json. Every `every`-th frame is analysed; faces are detected on every
     `detect_every`-th analysed frame, on a copy at most `detect_side` pixels across, and the
     tracker carries the boxes in between. All faces of a frame are classified in one batch.
+
+    `on_faces(out_dir, "frame<index>", faces, probs)`, when given, also receives the face crops
+    of every analysed frame that has faces (for Grad-CAM maps).
 
     Ctrl-C finishes the files for the frames analysed so far; for a file it is raised again
     (the command stops), for a camera it is the normal end. Returns the summary dict; raises
@@ -685,8 +688,10 @@ def classify_video(source, name, predict_faces, out_dir, cascade=None, every=1,
             ids, boxes = face_boxes(tracker, cascade, grey, analysed, detect_every, detect_side)
             clock, now = now, time.perf_counter()
             timing["detect"] += now - clock
-            probs = (predict_faces(np.stack([crop_face(grey, box) for box in boxes])) if boxes
-                     else np.zeros((0, len(EMOTIONS))))
+            crops = np.stack([crop_face(grey, box) for box in boxes]) if boxes else None
+            probs = predict_faces(crops) if boxes else np.zeros((0, len(EMOTIONS)))
+            if on_faces is not None and boxes:
+                on_faces(out_dir, f"frame{index:06d}", crops, probs)
             clock, now = now, time.perf_counter()
             timing["classify"] += now - clock
             rows, labels = [], []
@@ -846,7 +851,7 @@ def finish_video(out_dir, name, source, fps, every, analysed, last, announced, c
 
 
 def classify_videos(inputs, predict_faces, out_dir, every=1, detect_every=DETECT_EVERY,
-                    smooth=True, show=False, log=print):
+                    smooth=True, show=False, log=print, on_faces=None):
     """classify_video for each video file (folders: their videos) or camera index in `inputs`,
     each into out_dir/<video name>/. A video that cannot be used is named in one warning line and
     the others are still processed. Returns the summaries; raises UserError when not one video
@@ -866,7 +871,7 @@ def classify_videos(inputs, predict_faces, out_dir, every=1, detect_every=DETECT
         try:
             summaries.append(classify_video(source, name, predict_faces, os.path.join(out_dir, folder),
                                             cascade, every, detect_every, smooth=smooth, show=show,
-                                            log=log))
+                                            log=log, on_faces=on_faces))
         except Skipped as why:
             what = f"camera {source}" if isinstance(source, int) else source
             warn(f"{what} {why}; skipped")

@@ -19,7 +19,7 @@ import dataset
 import infer
 import train
 from models import MODEL_NAMES, build_model
-from utils import (DEFAULT_CSV, EMOTIONS, Parser, UserError, atomic_write, autocast_dtype, check_writable, device_flags, flag,
+from utils import (DEFAULT_CSV, EMOTIONS, Parser, UserError, atomic_write, autocast_dtype, clip, check_writable, device_flags, flag,
                    eval_batch_size, one_of, reuse_freed_memory, run_cli, save_figure, save_json,
                    seed_everything, select_device)
 
@@ -146,9 +146,10 @@ def check_args(args):
 
 
 def typed_flags(parser, argv):
-    """The destinations of the flags the user typed (whole names only: the parser refuses
-    abbreviations, so nothing typed can be missed here)."""
-    typed = {token.split("=", 1)[0] for token in argv if token.startswith("-")}
+    """The destinations of the flags the user typed: whole names (the parser refuses
+    abbreviations), `--name=value`, and short flags with their value joined (`-o/tmp/x`)."""
+    typed = {token.split("=", 1)[0] if token.startswith("--") else token[:2]
+             for token in argv if token.startswith("-")}
     return {action.dest for action in parser._actions if typed & set(action.option_strings)}
 
 
@@ -156,14 +157,19 @@ def resolve_run(parser, argv):
     """Parse the command line into (args, checkpoint to resume or None, checkpoint to start from
     or None). `-m MODEL --checkpoint FILE`, the old spelling of --init_from, is still understood."""
     args = parser.parse_args(argv)
-    folder = args.checkpoint and (os.path.isdir(args.checkpoint) or not (
-        os.path.exists(args.checkpoint) or args.checkpoint.endswith(".pth")))
-    if folder:
+    if args.checkpoint and os.path.isdir(args.checkpoint):
         if glob.glob(os.path.join(args.checkpoint, "*_last.pth")):
             args.checkpoint = checkpoint.resolve(args.checkpoint, "last")  # a run folder: resume its run
-        else:  # the old meaning of --checkpoint FOLDER
+        elif args.model is not None:  # the old meaning of -m M --checkpoint FOLDER
+            print(f"note: {args.checkpoint} holds no run to resume; with -m it is taken as "
+                  "--checkpoint_dir, the folder for the new run's folder")
             args.checkpoint_dir, args.checkpoint = args.checkpoint, None
+        else:
+            raise UserError(f"{args.checkpoint} holds no *_last.pth to resume; to start a run "
+                            f"there pass -m MODEL --checkpoint_dir {args.checkpoint}")
     if args.checkpoint and args.model is not None and args.init_from is None:
+        print("note: -m with --checkpoint FILE starts a new run from the file's weights "
+              f"(--init_from); to resume the run instead, leave out -m")
         args.init_from, args.checkpoint = args.checkpoint, None  # the old spelling of --init_from
     if args.checkpoint and args.init_from:
         raise UserError("--checkpoint resumes a run and --init_from starts a new one: pass one")
@@ -180,9 +186,9 @@ def resolve_run(parser, argv):
         if ignored:
             print(f"note: resuming keeps the run's own settings; ignoring --{', --'.join(ignored)}")
         if "epoch_num" in typed and args.epoch_num != saved["epoch_num"]:
-            print(f"note: --epoch_num {args.epoch_num} (the run was planned for {saved['epoch_num']}):"
-                  " the cosine schedule is stretched or shrunk to the new length from here on, so "
-                  "the learning rate jumps")
+            print(f"note: --epoch_num {args.epoch_num} (the run was planned for {saved['epoch_num']})"
+                  + (": the cosine schedule is stretched or shrunk to the new length from here on, "
+                     "so the learning rate jumps" if saved["scheduler"] == "cosine" else ""))
         saved.update({k: getattr(args, k) for k in typed & set(RESUME_OVERRIDES)})
         args = argparse.Namespace(**dict(saved, checkpoint=args.checkpoint, init_from=None))
     elif args.dataset == "synthetic":
@@ -255,6 +261,8 @@ def claim_run_folder(ckpt_dir, resuming, model_name):
     except FileExistsError:
         try:
             pid = int(open(lock).read().strip() or 0)
+            if pid <= 0:
+                raise ValueError("no process named")  # a lock whose write was cut short
             os.kill(pid, 0)
         except (ValueError, ProcessLookupError):  # a dead owner's lock: take it over
             os.remove(lock)
@@ -322,9 +330,8 @@ def main(argv):
 
     # Inputs first: nothing is created on disk until the data and the model are in hand.
     data = dataset.load_fer2013(args.dataset, args.skip_bad_rows, log=log)
-    train_x, train_y = data.split("train")
-    val_x, val_y = data.split("val")
-    data.split("test")  # fail now, not after training, when the test split is missing
+    _, train_y = data.split("train")
+    data.split("val"), data.split("test")  # fail now, not after training, when a split is missing
     seed_everything(args.seed + rank)
     if init is not None:
         model, used_imagenet = checkpoint.build_model(init, source=args.init_from), init.get("pretrained_used", False)
@@ -351,6 +358,9 @@ def main(argv):
     # Where this run writes: checkpoints beside the resumed file, outputs under this command's -o.
     if resume is not None:
         run_name = resume["run_name"]
+        if not isinstance(run_name, str) or run_name in ("", ".", "..") or os.path.basename(run_name) != run_name:
+            raise UserError(f"{args.checkpoint} names its run {clip(run_name, 100)!r}, which is not a "
+                            "plain folder name; refused (a checkpoint never chooses where a run writes)")
         ckpt_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     else:
         run_name = args.run_name or f"{args.model}_{time.strftime('%Y%m%d-%H%M%S')}"
@@ -362,6 +372,7 @@ def main(argv):
     out_dir = os.path.join(args.output, run_name)
     args.run_name = run_name
     paths = {kind: os.path.join(ckpt_dir, f"{args.model}_{kind}.pth") for kind in ("best", "last")}
+    new_folders = [f for f in (ckpt_dir, out_dir) if not os.path.exists(f)]
     lock = claim_run_folder(ckpt_dir, resume is not None, args.model) if rank == 0 else None
     try:
         if rank == 0:
@@ -371,6 +382,9 @@ def main(argv):
     finally:
         if lock is not None and os.path.exists(lock):
             os.remove(lock)
+        for folder in new_folders:  # a run that failed before its first save leaves no folders
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
 
 
 def train_and_test(args, data, model, optimizer, loss_fn, ema, scaler, state, paths, out_dir,

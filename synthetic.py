@@ -24,13 +24,12 @@ API (used by the other scripts):
     make_synthetic(n_train, n_val, n_test, seed) -> (images, labels, usage)
     write_synthetic_csv(path, n_train, n_val, n_test, seed) -> path
 """
-import argparse
 import os
 import sys
 
 import numpy as np
 
-from utils import EMOTIONS, SIDE, SPLITS, atomic_write, save_figure
+from utils import EMOTIONS, SIDE, SPLITS, Parser, atomic_write, flag, run_cli, save_figure
 
 FER_TRAIN_COUNTS = (3995, 436, 4097, 7215, 4830, 3171, 4965)
 _UNIT = 25.0  # pixels per face unit at scale 1 (the face is about 2 units tall)
@@ -203,7 +202,7 @@ def _render(P, noise):
     v = (-s * dx + c * dy) / S
 
     # background: linear gradient between two grey levels
-    t = (np.cos(Q["bg_dir"]) * (xx - 24) + np.sin(Q["bg_dir"]) * (yy - 24)) / 48.0 + 0.5
+    t = (np.cos(Q["bg_dir"]) * (xx - SIDE / 2) + np.sin(Q["bg_dir"]) * (yy - SIDE / 2)) / SIDE + 0.5
     img = Q["bg0"] + (Q["bg1"] - Q["bg0"]) * np.clip(t, 0, 1)
 
     def paint(alpha, tone, win=None):
@@ -395,13 +394,14 @@ def save_preview(path, per_class=6, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Write a synthetic FER2013-format CSV of drawn faces.")
-    ap.add_argument("--out", required=True, help="CSV path to write (folders are created)")
-    ap.add_argument("--n_train", type=int, default=4000)
-    ap.add_argument("--n_val", type=int, default=800)
-    ap.add_argument("--n_test", type=int, default=800)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--preview", default=None, help="also save a PNG grid of faces per class here")
+    ap = Parser(prog="synthetic.py", description="Write a synthetic FER2013-format CSV of drawn faces.")
+    flag(ap, "--out", required=True, help="CSV path to write (folders are created)")
+    flag(ap, "--n_train", type=int, default=4000, help="Training faces (default: %(default)s)")
+    flag(ap, "--n_val", type=int, default=800, help="PublicTest faces (default: %(default)s)")
+    flag(ap, "--n_test", type=int, default=800, help="PrivateTest faces (default: %(default)s)")
+    flag(ap, "--seed", type=int, default=0, help="(default: %(default)s)")
+    flag(ap, "--preview", default=None, help="also save a PNG grid of faces per class here")
+    flag(ap, "--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
     for name in ("n_train", "n_val", "n_test"):
         if getattr(args, name) < 0:
@@ -419,4 +419,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

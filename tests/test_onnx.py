@@ -85,7 +85,7 @@ def test_report_and_photos_through_an_onnx_checkpoint(faces, tmp_path, capsys):
     code, stdout, err = run_cli(["-c", source, "--export", str(exported)], capsys)
     assert code == 0, err
     assert "ONNX, opset 18" in stdout and exported.stat().st_size > 1_000_000
-    assert onnx_model.OnnxModel(exported).metadata["dataset"] == "somewhere/faces.csv"
+    assert onnx_model.OnnxModel(exported).metadata["dataset"] == "faces.csv"  # no machine paths
 
     csv = synthetic.write_synthetic_csv(tmp_path / "faces.csv", 14, 7, 21, seed=5)
     tables = {}

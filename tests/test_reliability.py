@@ -78,7 +78,7 @@ def test_sigint_saves_a_resumable_checkpoint_and_says_how_to_resume(tiny_csv, tm
 def test_a_diverging_loss_stops_with_a_clear_message(tiny_csv, tmp_path, capsys):
     argv = ["-d", tiny_csv, "-m", "vgg2_0_2", "--epoch_num", "3", "--batch_size", "32",
             "--lr", "1e8", "--scheduler", "none", "--pretrained", "no", "--num_iter_to_validate", "4",
-            "--checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"), "--run_name", "r"]
+            "--checkpoint_dir", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"), "--run_name", "r"]
     with pytest.raises(SystemExit) as exit_:
         run_cli(run.main, argv)
     assert exit_.value.code == 2
@@ -91,7 +91,7 @@ def test_unwritable_output_folder_fails_before_training(tiny_csv, tmp_path, caps
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     argv = ["-d", tiny_csv, "-m", "vgg2_0_2", "--pretrained", "no", "-o", str(blocker / "out"),
-            "--checkpoint", str(tmp_path / "ckpt")]
+            "--checkpoint_dir", str(tmp_path / "ckpt")]
     with pytest.raises(SystemExit) as exit_:
         run_cli(run.main, argv)
     assert exit_.value.code == 2
@@ -244,12 +244,23 @@ def test_resume_writes_where_the_command_says_never_where_the_file_says(tiny_csv
     assert not (tmp_path / "elsewhere").exists()
     assert (tmp_path / "new_out" / "r" / "history.json").exists()
     assert not list(last.parent.glob(".tmp-*"))  # stale temporary files of dead processes removed
+    # A run name that is a path would put the outputs outside -o: refused.
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["run_name"] = os.path.join("..", "..", "escaped")
+    torch.save(ckpt, last)
+    with pytest.raises(UserError, match="not a plain folder name"):
+        run.main(["--checkpoint", str(last), "-o", str(tmp_path / "new_out" / "deeper")])
+    assert not list(tmp_path.rglob("escaped"))
 
 
 def test_resuming_an_inference_only_export_shows_the_fine_tuning_command(tiny_csv, tmp_path, capsys):
     import checkpoint
     assert run.main(quick_run(tiny_csv, tmp_path)) == 0
     small = checkpoint.export(tmp_path / "ckpt/r/vgg2_0_2_best.pth", tmp_path / "small.pth")
+    exported = torch.load(small, weights_only=True)
+    assert exported["dataset"] == os.path.basename(tiny_csv)  # file names only, no machine paths
+    assert exported["args"]["output"] == "out" and exported["args"]["checkpoint_dir"] == "ckpt"
+    assert "train_state" not in exported and "optimizer_state" not in exported
     code, err = exit_code_and_err(["--checkpoint", str(small)], capsys)
     assert code == 2 and "inference-only" in err
     assert f"python3 run.py -m vgg2_0_2 --init_from {small}" in err

@@ -293,9 +293,10 @@ def test_amp_on_a_cpu_trains_in_bf16_when_the_cpu_has_it(tiny_csv, tmp_path, cap
     history = json.loads((tmp_path / "out/r/history.json").read_text())
     assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in history)
     if dtype is None:
-        assert "training in fp32" in out
+        assert "training in fp32" in out and ", fp32, " in out
     else:
         assert dtype == torch.bfloat16 and "training in fp32" not in out
+        assert ", bfloat16 autocast, " in out  # the start line says what the run computes in
 
 
 

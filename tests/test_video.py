@@ -227,3 +227,24 @@ def test_camera_prints_a_line_per_second_and_ctrl_c_ends_it_normally(ckpt, clip,
     summary = json.loads((out / "camera0" / "summary.json").read_text())
     assert summary["camera"] and summary["interrupted"] and summary["frames_analysed"] == 12
     assert count_frames(out / "camera0" / "annotated.mp4") == 12
+
+
+def test_explain_on_video_maps_every_nth_frame_with_faces(ckpt, clip, tmp_path, capsys):
+    path, truth = clip
+    out = tmp_path / "out"
+    code, stdout, err = video([path, "--detect_every", "1", "--explain", "--explain_every", "4"],
+                              ckpt, out, capsys)
+    assert code == 0, err
+    cams = out / "interview" / "cams"
+    with_faces = [k for k, boxes in enumerate(truth) if boxes]
+    expected = [f"frame{k:06d}_face0_cam.png" for k in with_faces[::4]]
+    assert sorted(p.name for p in cams.glob("*_cam.png")) == expected
+    for name in expected:
+        assert cv2.imread(str(cams / name)) is not None
+        assert cv2.imread(str(cams / name.replace("_cam", "")), cv2.IMREAD_UNCHANGED).shape == (48, 48)
+    assert (out / "interview" / "explain_grid.png").exists()
+
+
+def test_video_flags_without_video_are_refused(ckpt, tmp_path, capsys):
+    code, _, err = run_cli(["-c", ckpt, "--images", str(tmp_path), "--every", "5", "--show"], capsys)
+    assert code == 2 and "--every, --show apply to --video only" in err
