@@ -37,7 +37,7 @@ batch). Train GFLOP/s = img/s x 3 x forward GFLOP per image (models.gflops_per_i
 The table is printed and everything, with the machine's description and load, is written to --out
 (rewritten after every measurement, so an interrupted run keeps what it measured).
 
-Sections: --section train (this file, the default). Later sections live in their own scripts,
+Sections: --section train (this file, the default). The other sections live in their own scripts,
 tools/bench_video.py and tools/bench_onnx.py; --section video / onnx hands the rest of the command
 line to them.
 """
@@ -64,7 +64,7 @@ import torch  # noqa: E402
 from utils import DEFAULT_CSV, UserError, run_cli, save_json  # noqa: E402
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
-# --section: None = this file; the others are scripts beside it, written by other developers.
+# --section: None = this file; the others are the scripts beside it that measure them.
 SECTIONS = {"train": None, "video": "bench_video.py", "onnx": "bench_onnx.py"}
 VARIANTS = ("ours", "no_reuse", "torch_prelu", "usual")
 USUAL = {"batch_size": 16, "num_workers": 4, "optimizer": "Adadelta(lr=0.1)",
