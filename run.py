@@ -38,7 +38,7 @@ EXAMPLES = """examples:
   python3 run.py -m vgg2_4_2_conv3                         # FER2013 at ./data/fer2013.csv
   python3 run.py -m vgg2_2_2 -d fer2013.csv.gz --amp --weighted_loss
   python3 run.py --checkpoint checkpoint/RUN/vgg2_2_2_last.pth     # resume where it stopped
-  python3 run.py -m vgg2_2_2 --init_from pretrained/fer2013_vgg2_2_2.pth   # fine-tune
+  python3 run.py -m vgg2_4_2_conv3 --init_from pretrained/fer2013_vgg2_4_2_conv3.pth   # fine-tune
   torchrun --nproc_per_node 8 run.py -m vgg2_4_2_conv3              # several GPUs
 
 Each run gets its own folders, checkpoint/RUN/ and outputs/RUN/ (RUN = model and start time)."""
