@@ -169,7 +169,7 @@ def resolve_run(parser, argv):
                             f"there pass -m MODEL --checkpoint_dir {args.checkpoint}")
     if args.checkpoint and args.model is not None and args.init_from is None:
         print("note: -m with --checkpoint FILE starts a new run from the file's weights "
-              f"(--init_from); to resume the run instead, leave out -m")
+              "(--init_from); to resume the run instead, leave out -m")
         args.init_from, args.checkpoint = args.checkpoint, None  # the old spelling of --init_from
     if args.checkpoint and args.init_from:
         raise UserError("--checkpoint resumes a run and --init_from starts a new one: pass one")
@@ -330,8 +330,9 @@ def main(argv):
 
     # Inputs first: nothing is created on disk until the data and the model are in hand.
     data = dataset.load_fer2013(args.dataset, args.skip_bad_rows, log=log)
-    _, train_y = data.split("train")
-    data.split("val"), data.split("test")  # fail now, not after training, when a split is missing
+    # Each split once (a split copies its faces); a missing one fails now, not after training.
+    splits = {name: data.split(name) for name in ("train", "val", "test")}
+    train_y = splits["train"][1]
     seed_everything(args.seed + rank)
     if init is not None:
         model, used_imagenet = checkpoint.build_model(init, source=args.init_from), init.get("pretrained_used", False)
@@ -377,7 +378,7 @@ def main(argv):
     try:
         if rank == 0:
             check_writable(out_dir)
-        return train_and_test(args, data, model, optimizer, loss_fn, ema, scaler, state, paths,
+        return train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, state, paths,
                               out_dir, used_imagenet, resume, init, device, amp_dtype, rank, world, log)
     finally:
         if lock is not None and os.path.exists(lock):
@@ -387,12 +388,12 @@ def main(argv):
                 os.rmdir(folder)
 
 
-def train_and_test(args, data, model, optimizer, loss_fn, ema, scaler, state, paths, out_dir,
+def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, state, paths, out_dir,
                    used_imagenet, resume, init, device, amp_dtype, rank, world, log):
     """The loop: train to the next validation, validate, decide, save; then the PrivateTest."""
-    train_x, train_y = data.split("train")
+    train_x, train_y = splits["train"]
     batches = dataset.Batches(train_x, train_y, args.batch_size, device, args.seed, rank=rank, world=world)
-    val_batches = dataset.Batches(*data.split("val"), eval_batch_size(args.eval_batch_size, device),
+    val_batches = dataset.Batches(*splits["val"], eval_batch_size(args.eval_batch_size, device),
                                   device, shuffle=False, rank=rank, world=world)
     plain_model = model
     if world > 1:
@@ -517,7 +518,7 @@ def train_and_test(args, data, model, optimizer, loss_fn, ema, scaler, state, pa
         return 130
     if os.path.exists(paths["best"]):
         log(f"testing the best checkpoint on PrivateTest: reports in {os.path.join(out_dir, 'test')}")
-        infer.report([paths["best"]], *data.split("test"), os.path.join(out_dir, "test"),
+        infer.report([paths["best"]], *splits["test"], os.path.join(out_dir, "test"),
                      num_save=args.num_save, batch_size=args.eval_batch_size, device=device,
                      split_name="test (PrivateTest)", log=log)
     return 0
