@@ -1,50 +1,77 @@
 """PublicTest accuracy against epochs for several training runs, on one chart, plus each run's
 history as JSON: what README's results section shows for the long runs while they go on.
 
-    python3 tools/runs_chart.py RUN_LAST.pth [RUN_LAST.pth ...] -o results/publictest_accuracy.png
+    python3 tools/runs_chart.py RUN_LAST.pth [RUN_LAST.pth | HISTORY.json ...] -o results/publictest_accuracy.png
 
 Each checkpoint (a *_last.pth, or a run folder) gives one line, labelled with its model and
-planned epochs; its history is written beside the chart as <run name>_history.json.
+planned epochs, and its history is written beside the chart as <run name>_history.json. A JSON
+file that holds a "history" (those files, or a results/<model>.json) is drawn as it is, so the
+chart can be redrawn from committed files alone. Where a run kept a weight average, the raw
+weights' accuracy is drawn dashed in the same colour.
 """
+import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 
 import checkpoint  # noqa: E402
-from utils import Parser, run_cli, save_figure, save_json  # noqa: E402
+from utils import Parser, UserError, run_cli, save_figure, save_json  # noqa: E402
 
 
 def run_summary(path):
-    """(label, history, description dict) of one run's checkpoint."""
+    """The description dict of one run's checkpoint: what <run name>_history.json holds."""
     ckpt = checkpoint.load(checkpoint.resolve(path, "last"))
     state = checkpoint.train_state(ckpt, path)
     args = ckpt["args"]
-    label = f"{ckpt['model_name']} ({args['epoch_num']} epochs planned)"
     best = max(state.history, key=lambda h: h["val_acc"]) if state.history else None
-    description = {
+    return {
         "run_name": ckpt["run_name"], "model": ckpt["model_name"],
         "epochs_planned": args["epoch_num"],
         "epochs_validated": state.history[-1]["epoch"] if state.history else 0,
         "seconds": round(state.elapsed), "ema_decay": args.get("ema_decay", 0.0),
         "best_publictest_acc": best and best["val_acc"], "best_epoch": best and best["epoch"],
         "history": state.history}
-    return label, state.history, description
+
+
+def read_history_json(path):
+    """A saved description: a JSON object with a list "history" of validations."""
+    try:
+        with open(path) as f:
+            description = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} as JSON: {err}") from err
+    history = description.get("history") if isinstance(description, dict) else None
+    if not isinstance(history, list) or not all(isinstance(h, dict) and "epoch" in h and "val_acc" in h
+                                                for h in history):
+        raise UserError(f"{path} holds no validation history (a list \"history\" of "
+                        "{\"epoch\", \"val_acc\", ...} entries)")
+    return description
 
 
 def main(argv):
     parser = Parser(prog="runs_chart.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="checkpoints (*_last.pth) or run folders")
+    parser.add_argument("runs", nargs="+", help="checkpoints (*_last.pth), run folders or history JSON files")
     parser.add_argument("-o", "--output", default="results/publictest_accuracy.png", help="the chart")
     args = parser.parse_args(argv)
+    # Everything is read before anything is written.
+    runs = [(read_history_json(path), False) if path.endswith(".json") else (run_summary(path), True)
+            for path in args.runs]
+    for description, from_checkpoint in runs:
+        if from_checkpoint:
+            save_json(description, os.path.join(os.path.dirname(args.output) or ".",
+                                                f"{description['run_name']}_history.json"))
     from matplotlib.figure import Figure
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
-    for path in args.runs:
-        label, history, description = run_summary(path)
-        ax.plot([h["epoch"] for h in history], [100 * h["val_acc"] for h in history], label=label)
-        save_json(description, os.path.join(os.path.dirname(args.output) or ".",
-                                            f"{description['run_name']}_history.json"))
+    for run, _ in runs:
+        history = run["history"]
+        epochs = [h["epoch"] for h in history]
+        label = f"{run.get('model', '?')} ({run.get('epochs_planned', '?')} epochs planned)"
+        line, = ax.plot(epochs, [100 * h["val_acc"] for h in history], label=label)
+        if any("val_acc_raw" in h for h in history):
+            ax.plot(epochs, [100 * h.get("val_acc_raw", float("nan")) for h in history], "--",
+                    color=line.get_color(), alpha=0.6, label=f"{label}, raw weights")
     ax.set_xlabel("epoch")
     ax.set_ylabel("PublicTest accuracy (%)")
     ax.grid(alpha=0.3)
