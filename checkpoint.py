@@ -158,7 +158,7 @@ def export(path, destination):
         return onnx_model.export(model, destination, {
             "run_name": ckpt.get("run_name"), "dataset": os.path.basename(ckpt.get("dataset") or ""), "step": step,
             "pretrained_used": ckpt.get("pretrained_used"), "source": os.path.basename(path)})
-    keep = ("model_name", "class_names", "pretrained_used", "run_name", "step")
+    keep = ("model_name", "class_names", "pretrained_used", "run_name", "step", "history")  # an export's own
     small = {k: ckpt[k] for k in keep if k in ckpt}
     # The run's settings travel with the weights, but not this machine's paths (only file names).
     small["args"] = {k: os.path.basename(v) if k in PATH_ARGS and isinstance(v, str) else v

@@ -556,6 +556,25 @@ def test_export_writes_a_small_fp16_checkpoint_that_predicts_the_same(tmp_path):
     assert np.abs(full - half).max() < 2e-2 and (full.argmax(1) == half.argmax(1)).mean() > 0.9
 
 
+def test_exporting_an_export_keeps_weights_and_history_and_drops_paths(tmp_path):
+    """Re-exporting a shipped file (to clean its metadata, or to ONNX) loses nothing."""
+    source = tmp_path / "old_export.pth"
+    history = [{"step": 10, "epoch": 1.0, "val_acc": 0.5, "val_loss": 1.2}]
+    torch.manual_seed(0)
+    weights = {k: v.half() if v.is_floating_point() else v
+               for k, v in FerNet("vgg2_0_2").state_dict().items()}
+    torch.save({"format_version": 1, "model_name": "vgg2_0_2", "class_names": list(utils.EMOTIONS),
+                "model_state": weights, "history": history, "step": 10,
+                "args": {"dataset": "/home/someone/data/fer2013.csv", "checkpoint": "/home/someone/ckpt/",
+                         "lr": 0.02}}, source)
+    again = tmp_path / "again.pth"
+    assert infer.main(["--checkpoint", str(source), "--export", str(again)]) == 0
+    ckpt = checkpoint.load(str(again))
+    assert ckpt["history"] == history and ckpt["step"] == 10
+    assert ckpt["args"] == {"dataset": "fer2013.csv", "checkpoint": "", "lr": 0.02}
+    assert all(torch.equal(ckpt["model_state"][k], v) for k, v in weights.items())
+
+
 def test_without_d_the_data_set_the_checkpoint_was_trained_on_is_used(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     csv = synthetic.write_synthetic_csv(tmp_path / "faces.csv", 14, 7, 21, seed=5)
