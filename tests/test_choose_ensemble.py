@@ -10,7 +10,7 @@ import dataset
 import infer
 import synthetic
 import utils
-from tests.test_infer import random_model, save_checkpoint
+from tests.test_infer import random_model, run_cli, save_checkpoint
 from tools import choose_ensemble
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,12 +31,7 @@ def setup(tmp_path_factory):
 
 
 def choose(argv, capsys):
-    try:
-        code = utils.run_cli(choose_ensemble.main, argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(argv, capsys, choose_ensemble.main)
 
 
 def test_ranks_every_subset_and_tta_on_publictest_only(setup, tmp_path, monkeypatch, capsys):

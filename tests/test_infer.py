@@ -36,10 +36,11 @@ def random_model(seed, name="vgg2_0_2"):
     return FerNet(name).eval()
 
 
-def run_cli(argv, capsys):
-    """infer.main through utils.run_cli, in-process: (exit code, stdout, stderr)."""
+def run_cli(argv, capsys, main=infer.main):
+    """infer.main (or another tool's main) through utils.run_cli, in-process: (exit code, stdout,
+    stderr)."""
     try:
-        code = utils.run_cli(infer.main, argv)
+        code = utils.run_cli(main, argv)
     except SystemExit as exit_:
         code = exit_.code
     out, err = capsys.readouterr()
