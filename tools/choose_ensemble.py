@@ -60,10 +60,10 @@ def main(argv):
     if len(args.checkpoint) > MAX_CHECKPOINTS:
         parser.error(f"at most {MAX_CHECKPOINTS} checkpoints")
     modes = [m for m in infer.TTA_MODES if m in args.tta]  # cheapest first, for the ties
+    check_writable(os.path.dirname(os.path.abspath(args.output)))  # before the slow part
     device = select_device(args.device)
     models = infer.load_models(args.checkpoint, device)
     images, labels = dataset.load_fer2013(args.dataset).split("val")
-    check_writable(os.path.dirname(os.path.abspath(args.output)))
 
     probs = {mode: [] for mode in modes}
     amp_dtype = autocast_dtype(args.amp, device)
