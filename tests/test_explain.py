@@ -193,30 +193,36 @@ def test_split_report_writes_a_map_beside_each_face_and_a_grid(ckpts, tmp_path, 
 
 
 def test_explain_class_and_an_ensemble_on_photos(ckpts, tmp_path, capsys):
-    """--images --no-detect: every face gets cams/<photo>_face0.png and _cam.png; --explain_class
-    in any case explains that class (and implies --explain)."""
+    """--images --no-detect: every face gets cams/<photo>_face0.png and _cam.png (numbered when
+    two photos differ only by extension); --explain_class in any case explains that class (and
+    implies --explain)."""
     folder = tmp_path / "crops"
     (folder / "sub").mkdir(parents=True)
-    images = synthetic.make_faces(np.array([3, 4, 6]), np.random.default_rng(2))
-    for i, image in enumerate(images):
+    images = synthetic.make_faces(np.array([3, 4, 6, 0]), np.random.default_rng(2))
+    for i, image in enumerate(images[:3]):
         cv2.imwrite(str(folder / ("sub" if i == 2 else "") / f"face{i}.png"), image)
+    cv2.imwrite(str(folder / "face0.bmp"), images[3])  # the same name as face0.png but for its extension
     out = tmp_path / "out"
     code, stdout, err = run_cli(["-c", *ckpts, "--images", str(folder), "--no-detect", "-o", str(out),
                                  "--explain_class", "sad", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert "3 Grad-CAM map(s)" in stdout
-    for stem in ("crops/face0_face0", "crops/face1_face0", "crops/sub/face2_face0"):
+    assert "4 Grad-CAM map(s)" in stdout
+    stems = ("crops/face0_face0", "crops/face1_face0", "crops/sub/face2_face0", "crops/face0_2_face0")
+    for stem in stems:
         crop = cv2.imread(str(out / "cams" / f"{stem}.png"), cv2.IMREAD_GRAYSCALE)
         assert crop.shape == (48, 48)
         assert cv2.imread(str(out / "cams" / f"{stem}_cam.png")).shape == (48, 48, 3)
+    both = {cv2.imread(str(out / "cams" / f"{stem}.png"), cv2.IMREAD_GRAYSCALE).tobytes()
+            for stem in (stems[0], stems[3])}
+    assert both == {images[0].tobytes(), images[3].tobytes()}  # neither overwrote the other
     np.testing.assert_array_equal(
-        cv2.imread(str(out / "cams" / "crops/face0_face0.png"), cv2.IMREAD_GRAYSCALE), images[0])
+        cv2.imread(str(out / "cams" / "crops/face1_face0.png"), cv2.IMREAD_GRAYSCALE), images[1])
     assert (out / "explain_grid.png").exists()
     # The map written is the ensemble's map of Sad for that face.
     models_ = infer.load_models(ckpts)
-    expected = explain.explain_faces(models_, images[:1], [SAD])[0]
-    written = cv2.imread(str(out / "cams" / "crops/face0_face0_cam.png"))
-    np.testing.assert_array_equal(written, explain.overlay(images[0], expected))
+    expected = explain.explain_faces(models_, images[1:2], [SAD])[0]
+    written = cv2.imread(str(out / "cams" / "crops/face1_face0_cam.png"))
+    np.testing.assert_array_equal(written, explain.overlay(images[1], expected))
 
 
 def test_unknown_explain_class_suggests_the_closest(ckpts, capsys):
