@@ -52,8 +52,8 @@ import explain
 import onnx_model
 import photos
 from utils import (DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, Parser, UserError, atomic_write,
-                   autocast_dtype, check_writable, device_flags, eval_batch_size, flag, one_of, run_cli,
-                   save_figure, save_json, select_device)
+                   autocast_dtype, check_writable, device_flags, eval_batch_size, flag, new_folder,
+                   one_of, run_cli, save_figure, save_json, select_device)
 
 TTA_MODES = ("none", "flip", "tencrop")
 CROP = 44  # tencrop: crops of 44 x 44 pixels, resized back to 48 x 48
@@ -597,6 +597,9 @@ def main(argv=None):
             parser.error("--export takes one checkpoint")
         if onnx_model.is_onnx(paths[0]):
             raise UserError(f"{paths[0]} is already an ONNX file; export from the .pth checkpoint")
+        if os.path.exists(args.export) and os.path.samefile(paths[0], args.export):
+            raise UserError(f"--export {args.export} would replace the checkpoint it reads "
+                            "(and lose its training state): choose another file name")
         size = os.path.getsize(checkpoint.export(paths[0], args.export)) / 2**20
         kind = (f"ONNX, opset {onnx_model.OPSET}, fp32, dynamic batch"
                 if onnx_model.is_onnx(args.export) else "fp16 PyTorch")
@@ -613,6 +616,8 @@ def main(argv=None):
     out_dir = args.output or default_output_dir(
         paths, images=args.images is not None or args.video is not None,
         kind="photos" if args.images else "video")
+    if not args.output and (args.images is not None or args.video is not None):
+        out_dir = new_folder(out_dir)  # its own folder, even beside a call started the same second
     check_writable(out_dir)
     amp_dtype = autocast_dtype(args.amp, device)
     onnx_note = (", ONNX through onnxruntime on the CPU"

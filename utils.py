@@ -164,6 +164,20 @@ def check_writable(folder):
         raise UserError(f"cannot write to {folder}: {err.strerror or err}") from err
 
 
+def new_folder(path):
+    """Create `path`, or `path_2`, `path_3`, ... where it exists, and return the one created: two
+    calls started in the same second never share a timestamped folder."""
+    check_writable(os.path.dirname(path) or ".")
+    candidate, k = path, 1
+    while True:
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            k += 1
+            candidate = f"{path}_{k}"
+
+
 def select_device(name="auto"):
     import torch
     if name == "auto":

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import resource
+import shutil
 import struct
 import zlib
 
@@ -277,6 +278,20 @@ def test_default_output_folder_names_the_checkpoint():
     assert "ensemble" in infer.default_output_dir(["a/x.pth", "b/y.pth"])
     # each --images call gets its own folder, so no folder mixes two calls' files
     assert os.path.basename(infer.default_output_dir(["a/x.pth"], images=True)).startswith("photos_")
+
+
+def test_photo_calls_started_in_the_same_second_keep_their_own_folders(ckpts, split, tmp_path,
+                                                                      monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(infer.time, "strftime", lambda pattern: pattern.replace("%Y%m%d-%H%M%S", "then"))
+    cv2.imwrite("face.png", split[0][0])
+    for _ in range(2):
+        code, stdout, err = run_cli(["-c", ckpts["a"], "--images", "face.png", "--no-detect",
+                                     "--device", "cpu"], capsys)
+        assert code == 0, err
+    base = tmp_path / infer.default_output_dir([ckpts["a"]])
+    assert sorted(os.listdir(base)) == ["photos_then", "photos_then_2"]
+    assert all(len(pd.read_csv(base / name / "faces.csv")) == 1 for name in os.listdir(base))
 
 
 def test_fp16_checkpoint_and_run_folder(ckpts, split, tmp_path):
@@ -555,6 +570,17 @@ def test_export_writes_a_small_fp16_checkpoint_that_predicts_the_same(tmp_path):
     full = infer.predict([model], faces)
     half = infer.predict([checkpoint.build_model(ckpt)], faces)
     assert np.abs(full - half).max() < 2e-2 and (full.argmax(1) == half.argmax(1)).mean() > 0.9
+
+
+def test_export_refuses_to_replace_the_checkpoint_it_reads(ckpts, tmp_path, capsys):
+    source = tmp_path / "run" / "x_last.pth"
+    source.parent.mkdir()
+    shutil.copy(ckpts["a"], source)
+    before = source.read_bytes()
+    other_spelling = tmp_path / "run" / ".." / "run" / "x_last.pth"
+    code, _, err = run_cli(["-c", str(other_spelling), "--export", str(source)], capsys)
+    assert code == 2 and "would replace the checkpoint it reads" in err
+    assert source.read_bytes() == before
 
 
 def test_exporting_an_export_keeps_weights_and_history_and_drops_paths(tmp_path):
