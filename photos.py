@@ -175,14 +175,18 @@ def detect_faces(cascade, grey, side=DETECT_SIDE):
 
 
 def crop_face(grey, box, margin=FACE_MARGIN):
-    """The face in `box` plus `margin` of its size on each side (within the image), as 48x48."""
+    """The face in `box` plus `margin` of its size on each side, as 48x48. Where the margin runs
+    past the picture's edge, the edge pixels are repeated: the crop keeps the face's proportions
+    instead of being stretched to a square."""
     import cv2
     x, y, w, h = box
     extra = margin * max(w, h)
     height, width = grey.shape
-    x0, y0 = max(0, int(round(x - extra))), max(0, int(round(y - extra)))
-    x1, y1 = min(width, int(round(x + w + extra))), min(height, int(round(y + h + extra)))
-    crop = grey[y0:y1, x0:x1]
+    x0, y0 = int(round(x - extra)), int(round(y - extra))
+    x1, y1 = int(round(x + w + extra)), int(round(y + h + extra))
+    crop = cv2.copyMakeBorder(grey[max(0, y0):min(height, y1), max(0, x0):min(width, x1)],
+                              max(0, -y0), max(0, y1 - height), max(0, -x0), max(0, x1 - width),
+                              cv2.BORDER_REPLICATE)
     shrink = crop.shape[0] > SIDE or crop.shape[1] > SIDE
     return cv2.resize(crop, (SIDE, SIDE), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 

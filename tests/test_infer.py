@@ -449,6 +449,17 @@ def test_every_format_opencv_reads_is_taken_from_a_folder(ckpts, astronaut_jpg, 
     assert sorted(os.listdir(out / "annotated" / "photos")) == ["a.png", "b.png", "c.png", "d.png", "e.png"]
 
 
+@pytest.mark.parametrize("box", [(0, 50, 60, 60), (100, 60, 60, 60)])  # left edge; bottom-right corner
+def test_a_face_at_the_edge_is_cropped_as_if_the_picture_went_on(box):
+    """The margin past the picture's edge repeats the edge pixels, so the crop is not stretched:
+    it is the crop of the same face in the picture widened by its own edge pixels."""
+    grey = np.random.default_rng(0).integers(0, 256, (120, 160), dtype=np.uint8)
+    pad = 20
+    wider = cv2.copyMakeBorder(grey, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    x, y, w, h = box
+    np.testing.assert_array_equal(photos.crop_face(grey, box), photos.crop_face(wider, (x + pad, y + pad, w, h)))
+
+
 def test_stacked_faces_get_labels_that_never_overlap_or_leave_their_column():
     boxes = [(100, 0, 60, 40), (110, 42, 60, 40), (95, 84, 60, 40), (105, 126, 60, 40), (100, 168, 60, 40),
              (400, 5, 30, 30), (10, 10, 300, 300)]
