@@ -611,11 +611,15 @@ def face_boxes(tracker, cascade, grey, frame, detect_every=DETECT_EVERY, side=VI
     return tracker.carry(frame, grey.shape[1], grey.shape[0])
 
 
-def read_frames(cap, every, camera):
+def read_frames(cap, every, camera, fps):
     """(frame index, time in seconds, BGR frame) of every `every`-th frame; skipped frames are
     only grabbed (demuxed and decoded, not converted). Stops at the first frame that cannot be
-    read. A camera's time is the wall clock since its first frame."""
+    read. A file's time is the frame's own timestamp, right for variable frame rates too (phone
+    videos), or index / fps where the file gives none; a camera's is the wall clock since its
+    first frame."""
     import time
+
+    import cv2
     index, start = 0, None
     while True:
         ok, frame = cap.read()
@@ -623,7 +627,11 @@ def read_frames(cap, every, camera):
             return
         if camera:
             start = time.monotonic() if start is None else start
-        yield index, (time.monotonic() - start) if camera else None, frame
+            seconds = time.monotonic() - start
+        else:
+            stamp = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000
+            seconds = stamp if stamp > 0 or index == 0 else index / fps
+        yield index, seconds, frame
         for _ in range(every - 1):
             index += 1
             if not cap.grab():
@@ -683,10 +691,9 @@ def classify_video(source, name, predict_faces, out_dir, cascade=None, every=1,
                    disable=camera or None, file=sys.stderr, dynamic_ncols=True, leave=False)
         second = 0
         clock = time.perf_counter()
-        for index, seconds, frame in read_frames(cap, every, camera):
+        for index, seconds, frame in read_frames(cap, every, camera, fps):
             now = time.perf_counter()
             timing["read"] += now - clock
-            seconds = index / fps if seconds is None else seconds
             height, width = frame.shape[:2]
             grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
             ids, boxes = face_boxes(tracker, cascade, grey, analysed, detect_every, detect_side)
@@ -748,7 +755,7 @@ def classify_video(source, name, predict_faces, out_dir, cascade=None, every=1,
             os.rmdir(out_dir)
         raise Skipped("has no frame that could be read (an empty or unreadable video)")
     stopped = None
-    if not interrupted and not camera and last and announced and last[0] + every < announced * 0.99:
+    if not interrupted and not camera and last and cut_short(*last, every, announced, fps):
         stopped = (f"stopped at frame {last[0]} ({last[1]:.2f} s) of the {announced} its header "
                    "announces: the rest could not be read (truncated or corrupt file)")
         warn(f"{source} {stopped}; the readable part was processed")
@@ -764,6 +771,15 @@ def classify_video(source, name, predict_faces, out_dir, cascade=None, every=1,
              "frame(s) analysed up to there")
         raise KeyboardInterrupt
     return summary
+
+
+def cut_short(last_index, last_seconds, every, announced, fps):
+    """Whether reading a file stopped well before the end its header announces. Both the frame
+    index and the time must fall short: MKV and WebM headers hold no frame count, and the one
+    estimated from their duration can be too high for a variable frame rate, while the time of
+    their last frame still reaches that duration (announced / fps)."""
+    return bool(announced) and (last_index + every < announced * 0.99
+                                and last_seconds + every / fps < announced / fps * 0.99)
 
 
 def open_writer(path, fps, size):

@@ -111,6 +111,44 @@ def test_tracker_keeps_ids_and_smooths():
         np.testing.assert_allclose(tracker.smoothed(4, np.array(p, float)), mean)
 
 
+class FakeFile:
+    """A video file as cv2.VideoCapture reads it: frames with the given timestamps (ms)."""
+
+    def __init__(self, stamps_ms):
+        self.stamps, self.position = stamps_ms, -1
+
+    def read(self):
+        self.position += 1
+        return (True, np.zeros((4, 4, 3), np.uint8)) if self.position < len(self.stamps) else (False, None)
+
+    def grab(self):
+        return self.read()[0]
+
+    def get(self, prop):
+        assert prop == cv2.CAP_PROP_POS_MSEC
+        return self.stamps[self.position]
+
+
+def test_a_variable_frame_rate_file_gets_its_frames_own_times():
+    """A phone video that slows from 30 to 15 frames/s: the times are the frames' timestamps,
+    not index / average fps; a file without timestamps falls back to index / fps."""
+    stamps = [1000 * i / 30 for i in range(30)] + [1000 + 1000 * i / 15 for i in range(15)]
+    got = [(i, t) for i, t, _ in photos.read_frames(FakeFile(stamps), 2, False, 22.5)]
+    assert got == [(i, stamps[i] / 1000) for i in range(0, 45, 2)]
+    no_stamps = [t for _, t, _ in photos.read_frames(FakeFile([0.0] * 5), 1, False, 10.0)]
+    assert no_stamps == [0.0, 0.1, 0.2, 0.3, 0.4]
+
+
+def test_a_file_is_called_cut_short_only_when_its_frames_and_time_both_stop_early():
+    fps = 30.0
+    assert photos.cut_short(149, 4.97, 1, 300, fps)  # stopped half-way: truncated
+    assert not photos.cut_short(299, 9.97, 1, 300, fps)  # read to the end
+    # MKV at a variable frame rate: 300 frames estimated from 10 s x 30 fps, 240 in the file,
+    # the last one at 9.96 s: complete.
+    assert not photos.cut_short(239, 9.96, 1, 300, fps)
+    assert not photos.cut_short(10, 0.33, 1, 0, fps)  # no count announced: nothing to compare
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def test_bad_videos_are_named_and_the_good_one_still_processed(ckpt, clip, tmp_path, capsys):
