@@ -31,7 +31,7 @@ DEFAULT_LR = {"sgd": 0.02, "adamw": 1e-3, "adadelta": 0.1}
 SYNTHETIC_DEFAULTS = {"epoch_num": 6, "erase_p": 0.0}  # conv3: 92.8% on its test split
 # Flags that may differ when a run is resumed without changing what it computes.
 RESUME_OVERRIDES = ("device", "threads", "num_save", "eval_batch_size", "debug", "epoch_num",
-                    "patience", "output")
+                    "patience", "output", "dataset")  # dataset: the same file, moved or seen from elsewhere
 
 EXAMPLES = """examples:
   python3 run.py -m vgg2_4_2_conv3 -d synthetic            # built-in faces, no download
@@ -190,6 +190,7 @@ def resolve_run(parser, argv):
                   + (": the cosine schedule is stretched or shrunk to the new length from here on, "
                      "so the learning rate jumps" if saved["scheduler"] == "cosine" else ""))
         saved.update({k: getattr(args, k) for k in typed & set(RESUME_OVERRIDES)})
+        saved["output"] = args.output  # this command's -o or its default, never the file's
         args = argparse.Namespace(**dict(saved, checkpoint=args.checkpoint, init_from=None))
     elif args.dataset == "synthetic":
         adapted = {k: v for k, v in SYNTHETIC_DEFAULTS.items() if k not in typed_flags(parser, argv)}
@@ -323,6 +324,10 @@ def main(argv):
     parser = get_args_parser()
     args, resume, init = resolve_run(parser, argv)
     rank, world, device = setup_distributed(args.device)
+    if resume is not None and resume.get("world_size", 1) != world:
+        raise UserError(f"{args.checkpoint} was trained by {resume.get('world_size', 1)} process(es) and "
+                        f"this is {world}: resume it with as many (torchrun --nproc_per_node N), since its "
+                        "steps, batches and schedule are counted per process")
     reuse_freed_memory(device)  # each step's large activations reuse memory, not fault it in again
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.threads:
@@ -455,11 +460,13 @@ def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, s
                 model, optimizer, loss_fn, batches, state, cfg, device, until, stop, ema, scaler,
                 world, show_progress=rank == 0)
             session_steps += state.step - start_step
-            if stopped:
+            if stopped and state.step < until:
                 state.elapsed += time.perf_counter() - started
                 save("last")
                 ended = f"stopped by {stopped}"
                 break
+            # (A stop in the step that ends at `until` still gets its validation: the resumed run
+            # starts past it, so that validation would be lost.)
             if world > 1:
                 # BatchNorm statistics drift apart on each rank's own batches; validate (and save)
                 # with rank 0's, which DDP hands to every rank before each forward anyway.
@@ -491,6 +498,9 @@ def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, s
             if improved:
                 save("best")
             save("last")
+            if stopped:
+                ended = f"stopped by {stopped}"
+                break
 
     if world > 1:
         # Every rank must hold the same weights after training: compare a checksum.

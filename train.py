@@ -99,12 +99,13 @@ def lr_factor(step, total_steps, warmup_steps, kind):
 def evaluate(model, batches, world=1):
     """Plain (unweighted) cross-entropy and accuracy over a dataset.Batches, reduced over ranks."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=batches.device)  # loss sum, correct, faces
+    dtype = torch.float32 if batches.device.type == "mps" else torch.float64  # MPS has no float64
+    totals = torch.zeros(3, dtype=dtype, device=batches.device)  # loss sum, correct, faces
     for _, images, labels in batches.epoch(0):
         logits = model(images.float().div_(255)).float()
-        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                               (logits.argmax(1) == labels).sum().double(),
-                               torch.tensor(len(labels), dtype=torch.float64, device=totals.device)])
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").to(dtype),
+                               (logits.argmax(1) == labels).sum().to(dtype),
+                               torch.tensor(len(labels), dtype=dtype, device=totals.device)])
     if world > 1:
         torch.distributed.all_reduce(totals)
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()

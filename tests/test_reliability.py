@@ -1,5 +1,7 @@
 """Faults during training: kills, Ctrl-C, NaN, unwritable folders, untrusted checkpoint files."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,6 +253,35 @@ def test_resume_writes_where_the_command_says_never_where_the_file_says(tiny_csv
     with pytest.raises(UserError, match="not a plain folder name"):
         run.main(["--checkpoint", str(last), "-o", str(tmp_path / "new_out" / "deeper")])
     assert not list(tmp_path.rglob("escaped"))
+
+
+def test_a_resume_from_another_folder_writes_its_own_outputs_and_reads_the_moved_data(
+        tiny_csv, tmp_path, monkeypatch):
+    """Started with a relative -d and -o; resumed from another folder after the data moved: -d
+    names the moved file, and without -o the outputs go to this command's ./outputs/<run>."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    shutil.copy(tiny_csv, start / "faces.csv")
+    monkeypatch.chdir(start)
+    assert run.main(["-d", "faces.csv", "-m", "vgg2_0_2", "--epoch_num", "1", "--batch_size", "64",
+                     "--pretrained", "no", "--num_save", "0", "--run_name", "r",
+                     "--checkpoint_dir", str(tmp_path / "ckpt"), "-o", "first_out"]) == 0
+    shutil.move(start / "faces.csv", elsewhere / "moved.csv")
+    monkeypatch.chdir(elsewhere)
+    last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    assert run.main(["--checkpoint", str(last), "-d", "moved.csv", "--epoch_num", "2"]) == 0
+    assert len(json.loads((elsewhere / "outputs" / "r" / "history.json").read_text())) == 2
+    assert not (elsewhere / "first_out").exists()
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tiny_csv, tmp_path):
+    assert run.main(quick_run(tiny_csv, tmp_path)) == 0
+    last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["world_size"] = 8  # as torchrun --nproc_per_node 8 saves it
+    torch.save(ckpt, last)
+    with pytest.raises(UserError, match="trained by 8 process.*resume it with as many"):
+        run.main(["--checkpoint", str(last), "--epoch_num", "2"])
 
 
 def test_resuming_an_inference_only_export_shows_the_fine_tuning_command(tiny_csv, tmp_path, capsys):

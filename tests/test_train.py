@@ -60,27 +60,30 @@ def final_weights(path):
     return {**ckpt["model_state"], **{f"ema.{k}": v for k, v in ckpt["ema_state"].items()}}
 
 
-def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_csv, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch, stopped_at", [(2, 9), (1, 8)])
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_csv, tmp_path, monkeypatch,
+                                                                 batch, stopped_at):
     common = ["-m", "vgg2_0_2", "--epoch_num", "3", "--batch_size", "32",
               "--num_iter_to_validate", "4", "--seed", "3"]
     straight = tmp_path / "straight"
     assert run.main(run_args(tiny_csv, straight, *common)) == 0
 
-    # Second run: a real SIGINT arrives in the middle of epoch 2 (batch 2, a step that is not a
-    # validation step), as a Ctrl-C would.
+    # Second run: a real SIGINT arrives during a step of epoch 2, as a Ctrl-C would: batch 2 (step
+    # 9, not a validation step), or batch 1, the step that ends at the validation of step 8, which
+    # must still happen before the stop (the resumed run starts past it).
     real = train.batch_generator
 
-    def interrupt_once(seed, epoch, batch):
-        if (epoch, batch) == (1, 2) and not interrupt_once.fired:
+    def interrupt_once(seed, epoch, batch_):
+        if (epoch, batch_) == (1, batch) and not interrupt_once.fired:
             interrupt_once.fired = True
             signal.raise_signal(signal.SIGINT)
-        return real(seed, epoch, batch)
+        return real(seed, epoch, batch_)
     interrupt_once.fired = False
     monkeypatch.setattr(train, "batch_generator", interrupt_once)
     resumed = tmp_path / "resumed"
     assert run.main(run_args(tiny_csv, resumed, *common)) == 130
     last = resumed / "ckpt" / "r" / "vgg2_0_2_last.pth"
-    assert torch.load(last, weights_only=True)["train_state"]["step"] == 6 + 3  # stopped 3 steps into epoch 2
+    assert torch.load(last, weights_only=True)["train_state"]["step"] == stopped_at
     assert run.main(["--checkpoint", str(last), "-o", str(resumed / "out")]) == 0
 
     a, b = final_weights(straight / "ckpt/r/vgg2_0_2_last.pth"), final_weights(last)
