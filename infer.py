@@ -156,6 +156,29 @@ def predict(models, images, tta="none", batch_size=None, device="cpu"):
     return _predict(models, images, (tta,), batch_size, device)[tta]
 
 
+def detect_emotions(models, image, tta="none", detect=True, device="cpu"):
+    """The faces in one picture and their emotions, for use from Python (as fer's
+    FER().detect_emotions or deepface's analyze): `image` a photo's path or a BGR or grey uint8
+    array (cv2.imread, a video frame), `models` from load_models. Returns one dict per face,
+    {"box": (x, y, w, h) in the picture's pixels, "emotion": "Happy", "confidence": 0.93,
+    "emotions": {"Angry": p, ...}}; `detect=False` takes the whole picture as one face."""
+    factor = 1
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            image, factor, _ = photos.read_image(image)
+        except photos.Skipped as why:
+            raise ValueError(f"{image} {why}") from None
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or not (image.ndim == 2 or image.ndim == 3 and image.shape[2] == 3):
+        raise ValueError(f"expected a BGR or grey uint8 picture, got a {image.dtype} array of shape {image.shape}")
+    boxes, _, probs = photos.faces_in_image(
+        image, lambda faces: predict(models, faces, tta, device=device),
+        photos.face_detector() if detect else None)
+    return [{"box": tuple(int(v) * factor for v in box), "emotion": EMOTIONS[int(p.argmax())],
+             "confidence": float(p.max()), "emotions": dict(zip(EMOTIONS, map(float, p)))}
+            for box, p in zip(boxes, probs)]
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def compute_metrics(probs, labels, class_names=EMOTIONS):

@@ -4,6 +4,7 @@
 faces (N, 48, 48) to probabilities (N, 7), so this module knows nothing about checkpoints.
 """
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -141,8 +142,9 @@ def find_images(paths):
     return found, skipped
 
 
+@functools.lru_cache(maxsize=1)
 def face_detector():
-    """OpenCV's frontal-face Haar cascade, shipped inside opencv-python(-headless) 4."""
+    """OpenCV's frontal-face Haar cascade, shipped inside opencv-python(-headless) 4 (loaded once)."""
     import cv2
     try:
         path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
@@ -172,6 +174,21 @@ def detect_faces(cascade, grey, side=DETECT_SIDE):
         x1, y1 = min(w, int(round((x + bw) / scale))), min(h, int(round((y + bh) / scale)))
         boxes.append((x0, y0, x1 - x0, y1 - y0))
     return sorted(boxes)
+
+
+def faces_in_image(image, predict_faces, cascade=None):
+    """(boxes, 48x48 crops, probabilities) of one picture, a BGR or grey uint8 array: the faces
+    `cascade` finds in it, or with no cascade the whole picture as one face (already cropped)."""
+    import cv2
+    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    if cascade is None:
+        boxes = [(0, 0, grey.shape[1], grey.shape[0])]
+    else:
+        boxes = detect_faces(cascade, grey)
+    if not boxes:
+        return [], np.zeros((0, SIDE, SIDE), np.uint8), np.zeros((0, len(EMOTIONS)))
+    crops = np.stack([crop_face(grey, box, FACE_MARGIN if cascade is not None else 0.0) for box in boxes])
+    return boxes, crops, predict_faces(crops)
 
 
 def crop_face(grey, box, margin=FACE_MARGIN):
@@ -412,13 +429,10 @@ def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print, on_f
             continue
         if note:
             warn(f"{path} {note}")
-        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-        boxes = detect_faces(cascade, grey) if detect else [(0, 0, grey.shape[1], grey.shape[0])]
-        crops = [crop_face(grey, box, FACE_MARGIN if detect else 0.0) for box in boxes]
-        probs = predict_faces(np.stack(crops)) if crops else []
+        boxes, crops, probs = faces_in_image(image, predict_faces, cascade)
         target = os.path.join(annotated_dir, unique_name(name, used_names))
-        if on_faces is not None and crops:
-            on_faces(target, np.stack(crops), probs)
+        if on_faces is not None and boxes:
+            on_faces(target, crops, probs)
         rows += photo_rows(path, boxes, probs, factor, class_names, target)
         labels = [(box, class_names[int(p.argmax())], float(p.max())) for box, p in zip(boxes, probs)]
         try:

@@ -336,13 +336,29 @@ def test_shipped_model_sees_the_smiling_astronaut_as_happy(astronaut_jpg, tmp_pa
 def test_astronaut_photo_gives_one_labelled_face(ckpts, astronaut_jpg, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, err = run_cli(["-c", ckpts["a"], "--images", astronaut_jpg, "-o", str(out),
-                                 "--device", "cpu"], capsys)
+                                 "--device", "cpu", "--no-amp"], capsys)
     assert code == 0, err
     table = pd.read_csv(out / "faces.csv")
     assert len(table) == 1
     row = table.iloc[0]
     assert row["emotion"] in utils.EMOTIONS and 0 < row["confidence"] <= 1
     assert 150 < row["x"] < 200 and 40 < row["y"] < 90 and 70 < row["w"] < 130  # her face
+    # From Python: the same face and probabilities, from the path or from the decoded picture.
+    models = infer.load_models(ckpts["a"])
+    image = cv2.imread(astronaut_jpg)
+    for source in (astronaut_jpg, image):
+        [face] = infer.detect_emotions(models, source)
+        assert face["box"] == tuple(int(row[k]) for k in "xywh")
+        assert face["emotion"] == row["emotion"] and list(face["emotions"]) == list(utils.EMOTIONS)
+        np.testing.assert_allclose(list(face["emotions"].values()),
+                                   [row[f"p_{n}"] for n in utils.EMOTIONS], atol=1e-6)
+    whole = infer.detect_emotions(models, cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), detect=False)
+    assert [f["box"] for f in whole] == [(0, 0, image.shape[1], image.shape[0])]
+    assert infer.detect_emotions(models, np.zeros((200, 200, 3), np.uint8)) == []  # no face
+    with pytest.raises(ValueError, match="uint8"):
+        infer.detect_emotions(models, image.astype(np.float32))
+    with pytest.raises(ValueError, match="missing.jpg cannot be read"):
+        infer.detect_emotions(models, str(tmp_path / "missing.jpg"))
     assert np.isclose(sum(row[f"p_{n}"] for n in utils.EMOTIONS), 1, atol=1e-4)
     listing = json.loads((out / "faces.json").read_text())
     assert listing["processed"] == 1 and listing["skipped"] == []
