@@ -404,7 +404,6 @@ def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print, on_f
     infer.py --explain).
     Returns {"processed": n, "skipped": [{file, reason}], "faces": [...], csv, json, ...};
     raises UserError when not a single image could be processed."""
-    import cv2
     from tqdm import tqdm
     class_names = EMOTIONS
     entries, passed_over = find_images(inputs)
