@@ -107,6 +107,23 @@ def _read_with_opencv(path, max_pixels):
     return image, 1, None
 
 
+# Files that only the output folders of infer.py and run.py hold (photos, a video, a split, a run).
+OUTPUT_MARKERS = ("faces.json", "frames.csv", "metrics.json", "history.json")
+EARLIER_OUTPUT = "holds the results of an earlier call, not searched (name it to search it)"
+
+
+def walk_inputs(top, passed_over, onerror=None):
+    """(folder, sorted file names) of `top` and its subfolders, like os.walk, passing over the
+    subfolders that hold the results of earlier calls (OUTPUT_MARKERS): `--images .` must not
+    take earlier annotated copies for new photos. Those are added to `passed_over`."""
+    for folder, dirs, files in os.walk(top, onerror=onerror):
+        earlier = {d for d in dirs if any(os.path.isfile(os.path.join(folder, d, marker))
+                                          for marker in OUTPUT_MARKERS)}
+        passed_over += [os.path.join(folder, d) for d in sorted(earlier)]
+        dirs[:] = sorted(set(dirs) - earlier)
+        yield folder, sorted(files)
+
+
 def find_images(paths):
     """Expand files and folders (recursively) into ([(path, output name)], [(path, reason, shown)]).
 
@@ -125,12 +142,11 @@ def find_images(paths):
                 found.append((given, os.path.basename(given)))
         else:
             root = os.path.basename(os.path.normpath(os.path.abspath(given))) or "root"
-            others = []
-            walk = os.walk(given, onerror=lambda err: skipped.append(
+            others, earlier = [], []
+            walk = walk_inputs(given, earlier, onerror=lambda err: skipped.append(
                 (err.filename, f"is a folder that cannot be read ({err.strerror or err})", True)))
-            for folder, dirs, files in walk:
-                dirs.sort()
-                for file in sorted(files):
+            for folder, files in walk:
+                for file in files:
                     path = os.path.join(folder, file)
                     if not file.lower().endswith(READ_EXTENSIONS):
                         others.append(path)
@@ -139,6 +155,7 @@ def find_images(paths):
                         found.append((path, os.path.join(root, os.path.relpath(path, given))))
             skipped += [(path, "is not an image file (no image extension OpenCV reads)", k < SKIPPED_SHOWN)
                         for k, path in enumerate(others)]
+            skipped += [(path, EARLIER_OUTPUT, True) for path in earlier]
     return found, skipped
 
 
@@ -492,11 +509,11 @@ def find_videos(paths):
         elif not os.path.isdir(given):
             found.append((given, os.path.splitext(os.path.basename(given))[0]))
         else:
-            before = len(found)
-            for folder, dirs, files in os.walk(given):
-                dirs.sort()
-                found += [(os.path.join(folder, f), os.path.splitext(f)[0]) for f in sorted(files)
+            before, earlier = len(found), []
+            for folder, files in walk_inputs(given, earlier):
+                found += [(os.path.join(folder, f), os.path.splitext(f)[0]) for f in files
                           if f.lower().endswith(VIDEO_EXTENSIONS)]
+            skipped += [(path, EARLIER_OUTPUT) for path in earlier]
             if len(found) == before:
                 skipped.append((given, "is a folder without video files ("
                                 + ", ".join(e[1:] for e in VIDEO_EXTENSIONS[:6]) + ", ...)"))

@@ -412,6 +412,18 @@ def test_no_detect_takes_each_image_as_a_face(ckpts, split, tmp_path, capsys):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def test_earlier_results_inside_a_searched_folder_are_not_taken_for_photos(ckpts, split, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "face.png"), split[0][0])
+    for k in (1, 2):  # the second call finds out1/annotated/face.png: not a new photo
+        code, _, err = run_cli(["-c", ckpts["a"], "--images", str(folder), "--no-detect",
+                                "-o", str(folder / f"out{k}"), "--device", "cpu"], capsys)
+        assert code == 0, err
+        assert list(pd.read_csv(folder / f"out{k}" / "faces.csv")["file"]) == [str(folder / "face.png")]
+    assert f"{folder / 'out1'} holds the results of an earlier call" in err
+
+
 def test_huge_image_is_refused_from_its_header(ckpts, astronaut_jpg, tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()

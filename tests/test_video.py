@@ -190,6 +190,17 @@ def test_bad_videos_are_named_and_the_good_one_still_processed(ckpt, clip, tmp_p
     assert count_frames(out / "cut" / "annotated.mp4") == len(read)
 
 
+def test_earlier_results_inside_a_searched_folder_are_not_taken_for_videos(ckpt, clip, tmp_path, capsys):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    (folder / "interview.mp4").write_bytes(open(clip[0], "rb").read())
+    for k in (1, 2):  # the second call finds out1/interview/annotated.mp4: not a new video
+        code, stdout, err = video([folder, "--every", "4"], ckpt, folder / f"out{k}", capsys)
+        assert code == 0, err
+        assert sorted(p.name for p in (folder / f"out{k}").iterdir()) == ["interview"]
+    assert "holds the results of an earlier call" in err
+
+
 def test_nothing_usable_is_one_error(ckpt, tmp_path, capsys):
     code, _, err = video([9], ckpt, tmp_path / "out", capsys)  # no camera in this sandbox
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: nothing could be processed")
