@@ -24,7 +24,8 @@ PATH_ARGS = ("dataset", "checkpoint", "checkpoint_dir", "output", "init_from")  
 
 
 def training_checkpoint(kind, model_name, model, optimizer, state, args, run_name, rng, *,
-                        scaler=None, ema=None, pretrained_used=False, dataset=None, world_size=1):
+                        scaler=None, ema=None, pretrained_used=False, dataset=None, class_counts=None,
+                        world_size=1):
     """The dict saved as <model>_best.pth / <model>_last.pth."""
     return {
         "format_version": FORMAT, "kind": kind, "model_name": model_name,
@@ -36,7 +37,8 @@ def training_checkpoint(kind, model_name, model, optimizer, state, args, run_nam
         "scaler_state": scaler.state_dict() if scaler is not None else None,
         "train_state": dataclasses.asdict(state), "rng": rng, "args": dict(vars(args)),
         "run_name": run_name, "pretrained_used": pretrained_used, "dataset": dataset,
-        "world_size": world_size}
+        # {split: faces per class}: a resume with -d must find the same data there
+        "class_counts": class_counts, "world_size": world_size}
 
 
 def save(ckpt, path):

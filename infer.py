@@ -620,7 +620,7 @@ def main(argv=None):
             parser.error("--export takes one checkpoint")
         if onnx_model.is_onnx(paths[0]):
             raise UserError(f"{paths[0]} is already an ONNX file; export from the .pth checkpoint")
-        if os.path.exists(args.export) and os.path.samefile(paths[0], args.export):
+        if os.path.exists(args.export) and os.path.exists(paths[0]) and os.path.samefile(paths[0], args.export):
             raise UserError(f"--export {args.export} would replace the checkpoint it reads "
                             "(and lose its training state): choose another file name")
         size = os.path.getsize(checkpoint.export(paths[0], args.export)) / 2**20
@@ -656,15 +656,12 @@ def main(argv=None):
                    split_name=f"{args.split} ({SPLITS[args.split]})", models=models,
                    explain_maps=explaining, explain_class=args.explain_class)
         if args.images is not None:
-            found, names = [], set()  # with --explain: (photo's name, its crops, their probabilities)
+            found = []  # with --explain: (annotated copy's name, its face crops, their probabilities)
             annotated = os.path.join(out_dir, "annotated")
-
-            def keep_photo(target, crops, probs):  # a.jpg and a.png: cams/a_face0, cams/a_2_face0
-                stem = os.path.splitext(os.path.relpath(target, annotated))[0]
-                found.append((os.path.splitext(photos.unique_name(stem + ".png", names))[0], crops, probs))
             photos.classify_photos(
                 args.images, lambda faces: predict(models, faces, args.tta, args.batch_size, device),
-                out_dir, args.detect, on_faces=keep_photo if explaining else None)
+                out_dir, args.detect, on_faces=(lambda target, crops, probs: found.append(
+                    (os.path.relpath(target, annotated), crops, probs))) if explaining else None)
             if explaining:
                 report_maps(*explain_found_faces(models, found, out_dir, args.explain_class,
                                                  args.batch_size, device), out_dir)

@@ -4,10 +4,10 @@
 faces (N, 48, 48) to probabilities (N, 7), so this module knows nothing about checkpoints.
 """
 import contextlib
-import functools
 import math
 import os
 import sys
+import threading
 
 import numpy as np
 
@@ -159,9 +159,18 @@ def find_images(paths):
     return found, skipped
 
 
-@functools.lru_cache(maxsize=1)
+_loaded = threading.local()  # one face detector per thread: a CascadeClassifier is not shared
+
+
 def face_detector():
-    """OpenCV's frontal-face Haar cascade, shipped inside opencv-python(-headless) 4 (loaded once)."""
+    """OpenCV's frontal-face Haar cascade, shipped inside opencv-python(-headless) 4; loaded once
+    per thread (a load takes ~80 ms: infer.detect_emotions may be called for every frame)."""
+    if getattr(_loaded, "cascade", None) is None:
+        _loaded.cascade = _load_face_detector()
+    return _loaded.cascade
+
+
+def _load_face_detector():
     import cv2
     try:
         path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
@@ -829,21 +838,24 @@ def read_frames_table(path):
     return table[table["emotion"] != "no face"].astype({"track": int})
 
 
-def track_summaries(faces, interval):
-    """Per track, longest on screen first: time on screen (analysed frames x interval), first and
-    last time, the share of frames with each emotion and the dominant emotion (raw labels)."""
+def track_summaries(faces, interval, every):
+    """Per track, longest on screen first: time on screen, first and last time, the share of
+    frames with each emotion and the dominant emotion (raw labels). Each analysed frame of the
+    track counts for the time to the next analysed frame when the track is seen there too (its
+    real spacing, right for variable frame rates), else for the nominal `interval`."""
     out = []
     for tid, rows in faces.groupby("track"):
         shares = rows["emotion"].value_counts(normalize=True)
+        spacing = np.diff(rows["time_s"].to_numpy(float))[np.diff(rows["frame"].to_numpy()) == every]
         out.append({"track": int(tid), "frames": len(rows),
-                    "time_on_screen_s": round(len(rows) * interval, 3),
+                    "time_on_screen_s": round(spacing.sum() + (len(rows) - len(spacing)) * interval, 3),
                     "first_s": float(rows["time_s"].min()), "last_s": float(rows["time_s"].max()),
                     "emotions": {n: round(float(shares.get(n, 0.0)), 4) for n in EMOTIONS},
                     "dominant": shares.index[0]})
     return sorted(out, key=lambda t: (-t["frames"], t["track"]))
 
 
-def save_timeline(faces, tracks, interval, title, path):
+def save_timeline(faces, tracks, every, title, path):
     """timeline.png: per track (the TIMELINE_TRACKS longest), its seven probabilities against
     time in the emotions' colours; a gap where the track was not seen."""
     from matplotlib.figure import Figure
@@ -853,7 +865,7 @@ def save_timeline(faces, tracks, interval, title, path):
     for ax, track in zip(axes, shown):
         rows = faces[faces["track"] == track["track"]]
         t = rows["time_s"].to_numpy(float)
-        gaps = np.flatnonzero(np.diff(t) > 1.5 * interval) + 1  # NaN breaks the line there
+        gaps = np.flatnonzero(np.diff(rows["frame"].to_numpy()) > every) + 1  # NaN breaks the line there
         for name in EMOTIONS:
             b, g, r = EMOTION_COLOURS[name]
             p = rows[f"p_{name}"].to_numpy(float)
@@ -884,8 +896,8 @@ def finish_video(out_dir, name, source, fps, every, analysed, last, announced, c
         interval = elapsed / max(1, analysed)
     else:
         interval = every / fps
-    tracks = track_summaries(table, interval)
-    save_timeline(table, tracks, interval, f"{name}: emotion probabilities per tracked face",
+    tracks = track_summaries(table, interval, every)
+    save_timeline(table, tracks, every, f"{name}: emotion probabilities per tracked face",
                   os.path.join(out_dir, "timeline.png"))
     total = sum(timing.values()) or 1.0
     summary = {"video": source if camera else os.fspath(source), "camera": camera,

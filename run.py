@@ -29,9 +29,11 @@ DEFAULT_LR = {"sgd": 0.02, "adamw": 1e-3, "adadelta": 0.1}
 # The built-in synthetic faces (`-d synthetic`, 4,000 training faces) learn in a few epochs;
 # random erasing hides the mouth, which carries most of their drawn expression.
 SYNTHETIC_DEFAULTS = {"epoch_num": 6, "erase_p": 0.0}  # conv3: 92.8% on its test split
-# Flags that may differ when a run is resumed without changing what it computes.
+# Flags that may differ when a run is resumed without changing what it computes. -d: the same
+# data at another path (checked against the class counts saved in the checkpoint); -o is always
+# the resuming command's (typed or its default), listed so that typing it draws no note.
 RESUME_OVERRIDES = ("device", "threads", "num_save", "eval_batch_size", "debug", "epoch_num",
-                    "patience", "output", "dataset")  # dataset: the same file, moved or seen from elsewhere
+                    "patience", "output", "dataset")
 
 EXAMPLES = """examples:
   python3 run.py -m vgg2_4_2_conv3 -d synthetic            # built-in faces, no download
@@ -338,6 +340,9 @@ def main(argv):
     # Each split once (a split copies its faces); a missing one fails now, not after training.
     splits = {name: data.split(name) for name in ("train", "val", "test")}
     train_y = splits["train"][1]
+    if resume is not None and resume.get("class_counts") not in (None, class_counts(data)):
+        raise UserError(f"{args.dataset} is not the data set this run was trained on (faces per split "
+                        f"and class differ from those in {args.checkpoint}): resume with that file's -d")
     seed_everything(args.seed + rank)
     if init is not None:
         model, used_imagenet = checkpoint.build_model(init, source=args.init_from), init.get("pretrained_used", False)
@@ -393,6 +398,11 @@ def main(argv):
                 os.rmdir(folder)
 
 
+def class_counts(data):
+    """{split: faces per class} as plain lists: saved in checkpoints, compared on resume."""
+    return {name: counts.tolist() for name, counts in dataset.class_counts(data).items()}
+
+
 def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, state, paths, out_dir,
                    used_imagenet, resume, init, device, amp_dtype, rank, world, log):
     """The loop: train to the next validation, validate, decide, save; then the PrivateTest."""
@@ -423,12 +433,11 @@ def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, s
             checkpoint.save(checkpoint.training_checkpoint(
                 kind, args.model, plain_model, optimizer, state, args, args.run_name, rng,
                 scaler=scaler, ema=ema, pretrained_used=used_imagenet, dataset=data.source,
-                world_size=world), paths[kind])
+                class_counts=class_counts(data), world_size=world), paths[kind])
 
     if rank == 0:
         log(f"{data.source}: {len(train_y)} training, {len(val_batches.labels)} validation faces")
-        counts = dataset.class_counts(data)
-        log(dataset.class_table(counts))
+        log(dataset.class_table(dataset.class_counts(data)))
         if args.wl:
             log("class weights (inverse frequency, mean 1): " + ", ".join(
                 f"{name} {w:.3f}" for name, w in zip(EMOTIONS, loss_fn.weight.tolist())))

@@ -193,8 +193,8 @@ def test_split_report_writes_a_map_beside_each_face_and_a_grid(ckpts, tmp_path, 
 
 
 def test_explain_class_and_an_ensemble_on_photos(ckpts, tmp_path, capsys):
-    """--images --no-detect: every face gets cams/<photo>_face0.png and _cam.png (numbered when
-    two photos differ only by extension); --explain_class in any case explains that class (and
+    """--images --no-detect: every face gets cams/<annotated copy's name>_face0.png and _cam.png
+    (so a.png and a.bmp keep apart); --explain_class in any case explains that class (and
     implies --explain)."""
     folder = tmp_path / "crops"
     (folder / "sub").mkdir(parents=True)
@@ -207,7 +207,8 @@ def test_explain_class_and_an_ensemble_on_photos(ckpts, tmp_path, capsys):
                                  "--explain_class", "sad", "--device", "cpu"], capsys)
     assert code == 0, err
     assert "4 Grad-CAM map(s)" in stdout
-    stems = ("crops/face0_face0", "crops/face1_face0", "crops/sub/face2_face0", "crops/face0_2_face0")
+    stems = ("crops/face0.png_face0", "crops/face1.png_face0", "crops/sub/face2.png_face0",
+             "crops/face0.bmp_face0")
     for stem in stems:
         crop = cv2.imread(str(out / "cams" / f"{stem}.png"), cv2.IMREAD_GRAYSCALE)
         assert crop.shape == (48, 48)
@@ -216,12 +217,12 @@ def test_explain_class_and_an_ensemble_on_photos(ckpts, tmp_path, capsys):
             for stem in (stems[0], stems[3])}
     assert both == {images[0].tobytes(), images[3].tobytes()}  # neither overwrote the other
     np.testing.assert_array_equal(
-        cv2.imread(str(out / "cams" / "crops/face1_face0.png"), cv2.IMREAD_GRAYSCALE), images[1])
+        cv2.imread(str(out / "cams" / "crops/face1.png_face0.png"), cv2.IMREAD_GRAYSCALE), images[1])
     assert (out / "explain_grid.png").exists()
     # The map written is the ensemble's map of Sad for that face.
     models_ = infer.load_models(ckpts)
     expected = explain.explain_faces(models_, images[1:2], [SAD])[0]
-    written = cv2.imread(str(out / "cams" / "crops/face1_face0_cam.png"))
+    written = cv2.imread(str(out / "cams" / "crops/face1.png_face0_cam.png"))
     np.testing.assert_array_equal(written, explain.overlay(images[1], expected))
 
 

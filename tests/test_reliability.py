@@ -272,6 +272,11 @@ def test_a_resume_from_another_folder_writes_its_own_outputs_and_reads_the_moved
     assert run.main(["--checkpoint", str(last), "-d", "moved.csv", "--epoch_num", "2"]) == 0
     assert len(json.loads((elsewhere / "outputs" / "r" / "history.json").read_text())) == 2
     assert not (elsewhere / "first_out").exists()
+    # Other data under -d is refused: the faces per split and class differ.
+    other = synthetic.write_synthetic_csv(str(elsewhere / "other.csv"), n_train=320, n_val=64,
+                                          n_test=64, seed=5)
+    with pytest.raises(UserError, match="not the data set this run was trained on"):
+        run.main(["--checkpoint", str(last), "-d", other, "--epoch_num", "3"])
 
 
 def test_resuming_with_another_number_of_processes_is_refused(tiny_csv, tmp_path):

@@ -139,6 +139,15 @@ def test_a_variable_frame_rate_file_gets_its_frames_own_times():
     assert no_stamps == [0.0, 0.1, 0.2, 0.3, 0.4]
 
 
+def test_time_on_screen_follows_the_frames_own_spacing():
+    """Frames at 30, then 15 frames/s, the face gone for frames 4-5: each frame counts for the
+    time to the next frame when the face is seen there too, else for the nominal interval."""
+    table = pd.DataFrame({"track": 1, "frame": [0, 1, 2, 3, 6, 7], "emotion": "Happy",
+                          "time_s": np.array([0, 1, 2, 4, 10, 12]) / 30})
+    [track] = photos.track_summaries(table, 1 / 30, 1)
+    assert track["time_on_screen_s"] == round((1 + 1 + 2 + 2) / 30 + 2 / 30, 3)  # frames 3, 7: nominal
+
+
 def test_a_file_is_called_cut_short_only_when_its_frames_and_time_both_stop_early():
     fps = 30.0
     assert photos.cut_short(149, 4.97, 1, 300, fps)  # stopped half-way: truncated
