@@ -620,6 +620,8 @@ def test_export_refuses_to_replace_the_checkpoint_it_reads(ckpts, tmp_path, caps
     code, _, err = run_cli(["-c", str(other_spelling), "--export", str(source)], capsys)
     assert code == 2 and "would replace the checkpoint it reads" in err
     assert source.read_bytes() == before
+    code, _, err = run_cli(["-c", str(tmp_path / "missing.pth"), "--export", str(source)], capsys)
+    assert code == 2 and "no checkpoint" in err and source.read_bytes() == before
 
 
 def test_exporting_an_export_keeps_weights_and_history_and_drops_paths(tmp_path):
