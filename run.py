@@ -424,6 +424,8 @@ def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, s
     cfg = argparse.Namespace(**vars(args), amp_dtype=amp_dtype)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
+    counts = class_counts(data)  # saved with every checkpoint, computed once
+
     def save(kind):
         rng = [train.rng_state()]
         if world > 1:
@@ -433,7 +435,7 @@ def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, s
             checkpoint.save(checkpoint.training_checkpoint(
                 kind, args.model, plain_model, optimizer, state, args, args.run_name, rng,
                 scaler=scaler, ema=ema, pretrained_used=used_imagenet, dataset=data.source,
-                class_counts=class_counts(data), world_size=world), paths[kind])
+                class_counts=counts, world_size=world), paths[kind])
 
     if rank == 0:
         log(f"{data.source}: {len(train_y)} training, {len(val_batches.labels)} validation faces")
