@@ -1,7 +1,7 @@
 """Grad-CAM: where in a face a model found the evidence for a class.
 
-    python3 infer.py -c pretrained/fer2013_vgg2_4_2_conv3.pth -d synthetic --explain
-    python3 infer.py -c pretrained/fer2013_vgg2_4_2_conv3.pth --images me.jpg --explain_class Sad
+    python3 infer.py -c pretrained/fer2013_vgg2_4_2_conv5.pth -d synthetic --explain
+    python3 infer.py -c pretrained/fer2013_vgg2_4_2_conv5.pth --images me.jpg --explain_class Sad
 
 Grad-CAM (Selvaraju et al., 2017) weighs each channel of a convolutional layer's output by the
 mean gradient of the class's logit over that channel, sums the weighted channels, keeps the

@@ -4,8 +4,8 @@
     python3 infer.py --checkpoint checkpoint/RUN/vgg2_4_2_conv3_best.pth -d data/fer2013.csv --tta tencrop
     python3 infer.py --checkpoint run1/vgg2_2_2_best.pth run2/vgg2_0_2_best.pth -d data/fer2013.csv
     python3 infer.py --checkpoint checkpoint/RUN/vgg2_0_2_best.pth --images photos/ me.jpg
-    python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv3.pth --video interview.mp4 clips/
-    python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv3.pth --video 0   # a camera, until Ctrl-C
+    python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv5.pth --video interview.mp4 clips/
+    python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv5.pth --video 0   # a camera, until Ctrl-C
 
 The model name (and its input normalisation) comes from the checkpoint file. Several checkpoints
 make an ensemble: their class probabilities are averaged.
