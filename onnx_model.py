@@ -1,7 +1,7 @@
 """Models as ONNX files: export with torch.onnx, run with onnxruntime (both optional installs).
 
     python3 infer.py -c pretrained/fer2013_vgg2_4_2_conv5.pth --export conv5.onnx
-    python3 infer.py -c conv3.onnx --images me.jpg        # the same reports, through onnxruntime
+    python3 infer.py -c conv5.onnx --images me.jpg        # the same reports, through onnxruntime
 
 The file takes grey faces `faces`: float32 (N, 1, 48, 48) in [0, 1], any N, and gives `logits`
 (N, 7); softmax turns them into the class probabilities. The input normalisation is inside, as
