@@ -1,5 +1,6 @@
 """Reload checkpoints and judge them: metrics on a FER2013 split, or the faces in your own photos.
 
+    python3 infer.py --images photos/ me.jpg      # the shipped default model
     python3 infer.py --checkpoint checkpoint/RUN/vgg2_0_2_best.pth -d synthetic
     python3 infer.py --checkpoint checkpoint/RUN/vgg2_4_2_conv3_best.pth -d data/fer2013.csv --tta tencrop
     python3 infer.py --checkpoint run1/vgg2_2_2_best.pth run2/vgg2_0_2_best.pth -d data/fer2013.csv
@@ -7,7 +8,8 @@
     python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv5.pth --video interview.mp4 clips/
     python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv5.pth --video 0   # a camera, until Ctrl-C
 
-The model name (and its input normalisation) comes from the checkpoint file. Several checkpoints
+Without --checkpoint the shipped default, pretrained/fer2013_vgg2_4_2_conv5.pth, is used. The
+model name (and its input normalisation) comes from the checkpoint file. Several checkpoints
 make an ensemble: their class probabilities are averaged.
 
 On a FER2013-layout CSV (`-d`, default ./data/fer2013.csv; `synthetic` for the built-in faces)
@@ -56,6 +58,9 @@ from utils import (DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, Parser, Use
                    one_of, run_cli, save_figure, save_json, select_device)
 
 TTA_MODES = ("none", "flip", "tencrop")
+# The best single model of the long runs (README "Results"), found beside this script.
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained",
+                                  "fer2013_vgg2_4_2_conv5.pth")
 CROP = 44  # tencrop: crops of 44 x 44 pixels, resized back to 48 x 48
 
 
@@ -507,9 +512,10 @@ def get_args_parser():
                            "your photos and videos.",
                epilog="examples:\n" + __doc__.split("\n\n")[1])
     g = p.add_argument_group("model")
-    flag(g, "--checkpoint", "-c", nargs="+", required=True, metavar="PATH",
+    flag(g, "--checkpoint", "-c", nargs="+", default=[DEFAULT_CHECKPOINT], metavar="PATH",
          help="checkpoint file(s) (.pth or .onnx, or a run folder with one *_best.pth); several "
-              "make an ensemble whose probabilities are averaged")
+              "make an ensemble whose probabilities are averaged (default: the shipped "
+              "pretrained/fer2013_vgg2_4_2_conv5.pth)")
     flag(g, "--tta", choices=TTA_MODES, default="none",
          help="test-time augmentation: flip (mirror) or tencrop (corners, centre, mirrors); the "
               "result without it is reported too (default: none)")

@@ -333,6 +333,15 @@ def test_shipped_model_sees_the_smiling_astronaut_as_happy(astronaut_jpg, tmp_pa
         assert list(table["emotion"]) == ["Happy"] and table["confidence"][0] > 0.5
 
 
+def test_photos_without_checkpoint_use_the_shipped_default(astronaut_jpg, tmp_path, capsys):
+    """`infer.py --images photo.jpg` needs no --checkpoint: the best shipped model (<= 25 MB)."""
+    assert os.path.getsize(infer.DEFAULT_CHECKPOINT) <= 25e6
+    code, stdout, err = run_cli(["--images", astronaut_jpg, "-o", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert "fer2013_vgg2_4_2_conv5.pth" in stdout and "vgg2_4_2_conv5" in stdout
+    assert list(pd.read_csv(tmp_path / "out" / "faces.csv")["emotion"]) == ["Happy"]
+
+
 def test_astronaut_photo_gives_one_labelled_face(ckpts, astronaut_jpg, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, err = run_cli(["-c", ckpts["a"], "--images", astronaut_jpg, "-o", str(out),
