@@ -20,7 +20,7 @@ from utils import EMOTIONS, UserError, save_torch
 
 FORMAT = 2  # 1: before the TrainState (still read: the shipped exports and older runs)
 EXPORT = "export"  # the `kind` of an inference-only file
-PATH_ARGS = ("dataset", "checkpoint", "checkpoint_dir", "output", "init_from")  # run.py's path flags
+PATH_ARGS = ("dataset", "checkpoint", "checkpoint_dir", "output", "init_from", "teacher")  # run.py's path flags
 
 
 def training_checkpoint(kind, model_name, model, optimizer, state, args, run_name, rng, *,
@@ -149,6 +149,15 @@ def resolve(path, kind="best"):
                     (f" (it holds {', '.join(found)})" if found else " (it holds no .pth files)"))
 
 
+def file_names(value):
+    """A path flag's value without its folders (a list of paths: each); other values as they are."""
+    if isinstance(value, str):
+        return os.path.basename(value)
+    if isinstance(value, list):
+        return [os.path.basename(v) if isinstance(v, str) else v for v in value]
+    return value
+
+
 def export(path, destination):
     """An inference-only copy: the validated weights in fp16 and the run's description; to a
     destination ending in .onnx, an fp32 ONNX model with a dynamic batch (onnx_model.export)."""
@@ -163,8 +172,7 @@ def export(path, destination):
     keep = ("model_name", "class_names", "pretrained_used", "run_name", "step", "history")  # an export's own
     small = {k: ckpt[k] for k in keep if k in ckpt}
     # The run's settings travel with the weights, but not this machine's paths (only file names).
-    small["args"] = {k: os.path.basename(v) if k in PATH_ARGS and isinstance(v, str) else v
-                     for k, v in ckpt.get("args", {}).items()}
+    small["args"] = {k: file_names(v) if k in PATH_ARGS else v for k, v in ckpt.get("args", {}).items()}
     small["dataset"] = os.path.basename(ckpt["dataset"]) if ckpt.get("dataset") else None
     if "train_state" in ckpt:
         small["history"] = ckpt["train_state"]["history"]

@@ -20,7 +20,7 @@ import infer
 import train
 from models import MODEL_NAMES, build_model
 from utils import (DEFAULT_CSV, EMOTIONS, Parser, UserError, atomic_write, autocast_dtype, clip, check_writable, device_flags, flag,
-                   eval_batch_size, one_of, reuse_freed_memory, run_cli, save_figure, save_json,
+                   eval_batch_size, file_sha256, one_of, reuse_freed_memory, run_cli, save_figure, save_json,
                    seed_everything, select_device)
 
 DEFAULT_MODEL = "vgg2_4_2_conv3"
@@ -31,9 +31,10 @@ DEFAULT_LR = {"sgd": 0.02, "adamw": 1e-3, "adadelta": 0.1}
 SYNTHETIC_DEFAULTS = {"epoch_num": 6, "erase_p": 0.0}  # conv3: 92.8% on its test split
 # Flags that may differ when a run is resumed without changing what it computes. -d: the same
 # data at another path (checked against the class counts saved in the checkpoint); -o is always
-# the resuming command's (typed or its default), listed so that typing it draws no note.
+# the resuming command's (typed or its default), listed so that typing it draws no note;
+# --teacher: the same teacher files at other paths (checked against their saved sha256).
 RESUME_OVERRIDES = ("device", "threads", "num_save", "eval_batch_size", "debug", "epoch_num",
-                    "patience", "output", "dataset")
+                    "patience", "output", "dataset", "teacher")
 
 EXAMPLES = """examples:
   python3 run.py -m vgg2_4_2_conv3 -d synthetic            # built-in faces, no download
@@ -94,6 +95,17 @@ def get_args_parser():
     flag(g, "--num_iter_to_validate", "--validate_every_steps", type=int, default=0,
          help="validate every N training steps instead (default: 0, off)")
 
+    g = p.add_argument_group("distillation")
+    flag(g, "--teacher", nargs="+", default=None, metavar="FILE",
+         help="distil from these trained models (checkpoints or exports, .pth): the student also "
+              "learns their averaged softened probabilities on the same augmented faces")
+    # Defaults from Hinton et al. 2015 as used by the CRD benchmark's KD baseline (Tian et al.,
+    # ICLR 2020: T = 4, alpha = 0.9).
+    flag(g, "--kd_alpha", type=float, default=0.9,
+         help="weight of the teachers' soft targets; 1 - alpha goes to the labels (default: %(default)s)")
+    flag(g, "--kd_temperature", type=float, default=4.0,
+         help="softmax temperature of the soft targets (default: %(default)s)")
+
     g = p.add_argument_group("augmentation")
     flag(g, "--erase_p", type=float, default=0.5, help="probability of random erasing (default: 0.5)")
 
@@ -139,6 +151,8 @@ def check_args(args):
              (0 <= args.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
              (0 <= args.erase_p <= 1, "--erase_p must be in [0, 1]"),
              (0 <= args.ema_decay < 1, "--ema_decay must be in [0, 1)"),
+             (0 <= args.kd_alpha <= 1, "--kd_alpha must be in [0, 1]"),
+             (args.kd_temperature > 0, "--kd_temperature must be positive"),
              (args.warmup_epochs >= 0, "--warmup_epochs must be 0 or more"),
              (args.plateau_patience > 0, "--plateau_patience must be positive"),
              (0 < args.plateau_factor < 1, "--plateau_factor must be in (0, 1)")]
@@ -210,6 +224,34 @@ def resolve_run(parser, argv):
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     return args, resume, init
+
+
+def load_teachers(args, device):
+    """The --teacher models, loaded once, in eval mode without gradients, on `device`. A new run
+    records each file's sha256 in args (so in args.json and every checkpoint); a resumed run must
+    find the same files, at the saved paths or at the ones --teacher names now."""
+    if not args.teacher:
+        return []
+    paths = [os.path.abspath(p) for p in args.teacher]
+    saved = getattr(args, "teacher_sha256", None)  # set when resuming a distillation run
+    if saved is not None and len(saved) != len(paths):
+        raise UserError(f"this run was distilled from {len(saved)} teacher(s) and --teacher names "
+                        f"{len(paths)}: pass the run's teachers (sha256 {', '.join(h[:12] for h in saved)})")
+    teachers, digests = [], []
+    for i, path in enumerate(paths):
+        if saved is not None and not os.path.isfile(path):
+            raise UserError(f"teacher {path} of this run is missing: put it back, or name where it is "
+                            f"now with --teacher (the run needs the file with sha256 {saved[i][:12]}...)")
+        ckpt = checkpoint.load(path)  # a missing, broken or foreign file is a UserError naming it
+        digests.append(file_sha256(path))
+        if saved is not None and digests[-1] != saved[i]:
+            raise UserError(f"teacher {path} has changed since the run started (sha256 "
+                            f"{digests[-1][:12]}..., the run's was {saved[i][:12]}...): resuming "
+                            "with other teachers would not continue the same run")
+        model = checkpoint.build_model(ckpt, device, source=path).requires_grad_(False)
+        teachers.append(model.to(memory_format=torch.channels_last) if args.channels_last else model)
+    args.teacher, args.teacher_sha256 = paths, digests
+    return teachers
 
 
 def make_optimizer(model, args):
@@ -335,7 +377,8 @@ def main(argv):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    # Inputs first: nothing is created on disk until the data and the model are in hand.
+    # Inputs first: nothing is created on disk until the data and the models are in hand.
+    teachers = load_teachers(args, device)
     data = dataset.load_fer2013(args.dataset, args.skip_bad_rows, log=log)
     # Each split once (a split copies its faces); a missing one fails now, not after training.
     splits = {name: data.split(name) for name in ("train", "val", "test")}
@@ -389,7 +432,8 @@ def main(argv):
         if rank == 0:
             check_writable(out_dir)
         return train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, state, paths,
-                              out_dir, used_imagenet, resume, init, device, amp_dtype, rank, world, log)
+                              out_dir, used_imagenet, resume, init, device, amp_dtype, rank, world, log,
+                              teachers)
     finally:
         if lock is not None and os.path.exists(lock):
             os.remove(lock)
@@ -404,7 +448,7 @@ def class_counts(data):
 
 
 def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, state, paths, out_dir,
-                   used_imagenet, resume, init, device, amp_dtype, rank, world, log):
+                   used_imagenet, resume, init, device, amp_dtype, rank, world, log, teachers):
     """The loop: train to the next validation, validate, decide, save; then the PrivateTest."""
     train_x, train_y = splits["train"]
     batches = dataset.Batches(train_x, train_y, args.batch_size, device, args.seed, rank=rank, world=world)
@@ -421,7 +465,7 @@ def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, s
     steps_per_epoch = len(batches)
     total_steps = args.epoch_num * steps_per_epoch
     every = args.num_iter_to_validate or args.num_epoch_to_validate * steps_per_epoch
-    cfg = argparse.Namespace(**vars(args), amp_dtype=amp_dtype)
+    cfg = argparse.Namespace(**vars(args), amp_dtype=amp_dtype, teachers=teachers)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     counts = class_counts(data)  # saved with every checkpoint, computed once
@@ -445,6 +489,10 @@ def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, s
                 f"{name} {w:.3f}" for name, w in zip(EMOTIONS, loss_fn.weight.tolist())))
         if init is not None:
             log(f"starting from the weights of {args.init_from} (fine-tuning)")
+        if teachers:
+            log(f"distilling from {len(teachers)} teacher(s) (alpha {args.kd_alpha:g}, temperature "
+                f"{args.kd_temperature:g}): " + ", ".join(
+                    f"{os.path.basename(p)} (sha256 {h[:12]})" for p, h in zip(args.teacher, args.teacher_sha256)))
         if resume is not None:
             log(f"resuming {args.run_name} from {args.checkpoint} at step {state.step} "
                 f"(epoch {state.step / steps_per_epoch:.2f})")

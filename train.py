@@ -139,6 +139,21 @@ def ema_update_fn(decay):
     return update
 
 
+def teacher_probabilities(teachers, images, temperature):
+    """The teachers' softened class probabilities on the same (augmented) images, averaged: the
+    soft target of distillation. Teachers are in eval mode; no gradients flow into them."""
+    with torch.no_grad():
+        return torch.stack([F.softmax(t(images).float() / temperature, 1) for t in teachers]).mean(0)
+
+
+def distillation_loss(hard_loss, logits, soft_targets, alpha, temperature):
+    """(1 - alpha) * the usual loss + alpha * T^2 * KL(teachers_T || student_T) (Hinton et al.,
+    2015): T^2 keeps the soft term's gradients on the scale of the hard one's as T changes."""
+    log_student = F.log_softmax(logits / temperature, 1)
+    soft_loss = F.kl_div(log_student, soft_targets, reduction="batchmean") * temperature ** 2
+    return (1 - alpha) * hard_loss + alpha * soft_loss
+
+
 def rng_state():
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -188,6 +203,7 @@ def train_steps(model, optimizer, loss_fn, batches, state, cfg, device, until, s
                 scaler=None, world=1, show_progress=True):
     """Train from state.step up to step `until` (across epoch boundaries), updating `ema` after
     every step. Returns (train loss, train accuracy, faces seen, why it stopped early or None).
+    With teachers (`cfg.teachers`, eval-mode models) the loss is the distillation loss.
 
     The loss is checked every 20 steps (one host sync, shared with the progress bar); under
     torchrun the ranks agree there on whether a Ctrl-C / SIGTERM (`stop.requested`) stops them."""
@@ -215,7 +231,12 @@ def train_steps(model, optimizer, loss_fn, batches, state, cfg, device, until, s
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
                 logits = model(x)
+                soft_targets = (teacher_probabilities(cfg.teachers, x, cfg.kd_temperature)
+                                if cfg.teachers else None)
             loss = loss_fn(logits.float(), labels)
+            if soft_targets is not None:
+                loss = distillation_loss(loss, logits.float(), soft_targets, cfg.kd_alpha,
+                                         cfg.kd_temperature)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:  # fp16 only; bf16 needs no loss scaling
                 scaler.scale(loss).backward()

@@ -3,6 +3,7 @@ devices, seeds."""
 import argparse
 import difflib
 import errno
+import hashlib
 import json
 import shutil
 import os
@@ -143,6 +144,15 @@ def save_figure(fig, path, dpi=100):
     """Write a matplotlib Figure (object API, no pyplot state) as a PNG, atomically."""
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     return path
+
+
+def file_sha256(path):
+    """The hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_torch(obj, path):

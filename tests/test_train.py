@@ -60,11 +60,13 @@ def final_weights(path):
     return {**ckpt["model_state"], **{f"ema.{k}": v for k, v in ckpt["ema_state"].items()}}
 
 
-@pytest.mark.parametrize("batch, stopped_at", [(2, 9), (1, 8)])
+@pytest.mark.parametrize("batch, stopped_at, extra", [
+    (2, 9, []), (1, 8, []),
+    (2, 9, ["--teacher", os.path.join(ROOT, "pretrained", "fer2013_vgg2_0_2.pth")])])  # distillation
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_csv, tmp_path, monkeypatch,
-                                                                 batch, stopped_at):
+                                                                 batch, stopped_at, extra):
     common = ["-m", "vgg2_0_2", "--epoch_num", "3", "--batch_size", "32",
-              "--num_iter_to_validate", "4", "--seed", "3"]
+              "--num_iter_to_validate", "4", "--seed", "3", *extra]
     straight = tmp_path / "straight"
     assert run.main(run_args(tiny_csv, straight, *common)) == 0
 

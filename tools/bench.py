@@ -158,7 +158,7 @@ def measure_ours(spec):
         use_torch_prelu(model)
     model, optimizer, loss_fn, ema, scaler, amp_dtype = run.training_parts(model, args, train_y, device)
     batches = dataset.Batches(train_x, train_y, args.batch_size, device, args.seed)
-    cfg = argparse.Namespace(**vars(args), amp_dtype=amp_dtype)
+    cfg = argparse.Namespace(**vars(args), amp_dtype=amp_dtype, teachers=run.load_teachers(args, device))
     state = train.TrainState()
     warmup, steps = spec["warmup"], spec["steps"]
     with train.StopRequest() as stop:
