@@ -1,0 +1,389 @@
+"""Pictures and faces: reading images, finding input files, face detectors, crops and drawing.
+
+The detector seam (as deepface's): each detector is a class whose `detect(bgr_image)` returns face
+boxes [(x, y, w, h)], and DETECTORS maps a name to it; adding one is a class and a dict line.
+photos.py, video.py, predict.py and app.py build on these; this module knows no model.
+"""
+import contextlib
+import math
+import os
+import sys
+import threading
+
+import numpy as np
+
+from utils import EMOTIONS, SIDE, UserError, atomic_write
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # annotated copies keep these, else .png
+# Everything OpenCV's imread decodes (its documentation's list); in folders these files are taken.
+READ_EXTENSIONS = IMAGE_EXTENSIONS + (".jpe", ".dib", ".jp2", ".avif", ".tif", ".tiff", ".gif",
+                                      ".pbm", ".pgm", ".ppm", ".pxm", ".pnm", ".pfm", ".sr", ".ras",
+                                      ".exr", ".hdr", ".pic")
+
+MAX_PIXELS = 50_000_000  # larger photos: JPEGs are decoded at 1/2, 1/4 or 1/8 scale, others refused
+MAX_FILE_BYTES = 1 << 30
+DETECT_SIDE = 1280  # faces are searched on a copy of the photo at most this many pixels across
+FACE_MARGIN = 0.1  # the crop adds this fraction of the detected box on every side
+SKIPPED_SHOWN = 10  # per folder, files that are not images named one by one
+
+
+class Skipped(Exception):
+    """An input file that cannot be used; the message says why."""
+
+@contextlib.contextmanager
+def _no_pil_size_limit():
+    """Let PIL read the header of any size: the pixel limit is checked here, before decoding."""
+    from PIL import Image
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+def read_image(path, max_pixels=None):
+    """Decode a photo as BGR uint8 without ever holding more than about `max_pixels` pixels
+    (default MAX_PIXELS): the size is read from the header first; larger JPEGs are decoded at
+    1/2, 1/4 or 1/8 scale (libjpeg scales while decoding), larger other formats are refused.
+
+    Returns (image, factor: 1, 2, 4 or 8, the downscaling, note: None or what was done);
+    raises Skipped."""
+    import cv2
+    from PIL import Image, UnidentifiedImageError
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise Skipped(f"cannot be read ({err.strerror or err})") from err
+    if size == 0:
+        raise Skipped("is an empty (zero-byte) file")
+    if size > MAX_FILE_BYTES:
+        raise Skipped(f"is {size / 2**30:.1f} GiB, too large a file for a photo; refused")
+    try:
+        with _no_pil_size_limit(), Image.open(path) as im:
+            (w, h), fmt = im.size, im.format
+    except UnidentifiedImageError as err:
+        if cv2.haveImageReader(os.fspath(path)):  # a format only OpenCV reads (e.g. HDR, PFM):
+            return _read_with_opencv(path, max_pixels)  # no header check, OpenCV's own cap
+        raise Skipped("is not an image this tool can read (or it is corrupt)") from err
+    except OSError as err:
+        raise Skipped(f"cannot be read ({err.strerror or err})") from err
+    except Exception as err:  # PIL raises several kinds on malformed headers
+        raise Skipped(f"is not a readable image ({type(err).__name__}: {err})") from err
+    flags, factor, note = cv2.IMREAD_COLOR, 1, None
+    if w * h > max_pixels:
+        megapixels = (f"{w}x{h} pixels ({w * h / 1e6:.0f} megapixels, above the limit of "
+                      f"{max_pixels / 1e6:g})")
+        if fmt not in ("JPEG", "MPO"):
+            raise Skipped(f"is {megapixels}; refused without decoding it (only JPEG photos are "
+                          "downscaled while decoding: shrink it or save it as JPEG)")
+        factor = next((f for f in (2, 4, 8) if math.ceil(w / f) * math.ceil(h / f) <= max_pixels), None)
+        if factor is None:
+            raise Skipped(f"is {megapixels}, too large even at 1/8 scale; refused without decoding it")
+        flags = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                 8: cv2.IMREAD_REDUCED_COLOR_8}[factor]
+        note = (f"is {megapixels}; downscaled while decoding, to 1/{factor} "
+                f"({math.ceil(w / factor)}x{math.ceil(h / factor)})")
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as err:
+        raise Skipped(f"cannot be read ({err.strerror or err})") from err
+    image = cv2.imdecode(data, flags)
+    if image is None or image.size == 0:
+        raise Skipped(f"could not be decoded as a {fmt} image (corrupt or truncated?)")
+    return image, factor, note
+
+def _read_with_opencv(path, max_pixels):
+    """Decode a file PIL cannot identify with OpenCV alone; its size is known only afterwards (OpenCV
+    refuses more than 2**30 pixels itself)."""
+    import cv2
+    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise Skipped("could not be decoded (corrupt or truncated?)")
+    h, w = image.shape[:2]
+    if w * h > max_pixels:
+        raise Skipped(f"is {w}x{h} pixels, above the limit of {max_pixels / 1e6:g} megapixels; refused")
+    return image, 1, None
+
+# Files that only the output folders of infer.py and run.py hold (photos, a video, a split, a run).
+OUTPUT_MARKERS = ("faces.json", "frames.csv", "metrics.json", "history.json")
+
+EARLIER_OUTPUT = "holds the results of an earlier call, not searched (name it to search it)"
+
+
+def walk_inputs(top, passed_over, onerror=None):
+    """(folder, sorted file names) of `top` and its subfolders, like os.walk, passing over the
+    subfolders that hold the results of earlier calls (OUTPUT_MARKERS): `--images .` must not
+    take earlier annotated copies for new photos. Those are added to `passed_over`."""
+    for folder, dirs, files in os.walk(top, onerror=onerror):
+        earlier = {d for d in dirs if any(os.path.isfile(os.path.join(folder, d, marker))
+                                          for marker in OUTPUT_MARKERS)}
+        passed_over += [os.path.join(folder, d) for d in sorted(earlier)]
+        dirs[:] = sorted(set(dirs) - earlier)
+        yield folder, sorted(files)
+
+def find_images(paths):
+    """Expand files and folders (recursively) into ([(path, output name)], [(path, reason, shown)]).
+
+    Files named explicitly are tried whatever their extension; in folders the files with an
+    extension OpenCV decodes (READ_EXTENSIONS, any case) are taken. The second list holds what
+    was passed over; `shown` is
+    False for the files after the first few of a folder that are not images (they are counted,
+    not named one by one)."""
+    found, skipped, seen = [], [], set()
+    for given in map(os.fspath, paths):
+        if not os.path.exists(given):
+            skipped.append((given, "does not exist (no such file or folder)", True))
+        elif not os.path.isdir(given):
+            if os.path.realpath(given) not in seen:
+                seen.add(os.path.realpath(given))
+                found.append((given, os.path.basename(given)))
+        else:
+            root = os.path.basename(os.path.normpath(os.path.abspath(given))) or "root"
+            others, earlier = [], []
+            walk = walk_inputs(given, earlier, onerror=lambda err: skipped.append(
+                (err.filename, f"is a folder that cannot be read ({err.strerror or err})", True)))
+            for folder, files in walk:
+                for file in files:
+                    path = os.path.join(folder, file)
+                    if not file.lower().endswith(READ_EXTENSIONS):
+                        others.append(path)
+                    elif os.path.realpath(path) not in seen:
+                        seen.add(os.path.realpath(path))
+                        found.append((path, os.path.join(root, os.path.relpath(path, given))))
+            skipped += [(path, "is not an image file (no image extension OpenCV reads)", k < SKIPPED_SHOWN)
+                        for k, path in enumerate(others)]
+            skipped += [(path, EARLIER_OUTPUT, True) for path in earlier]
+    return found, skipped
+
+def warn(message):
+    from tqdm import tqdm
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+# ----------------------------------------------------------------------------- detectors
+
+def _haar_cascade():
+    import cv2
+    try:
+        path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
+    except AttributeError as err:
+        raise UserError("this OpenCV has no bundled Haar cascades (OpenCV 5 dropped them); install "
+                        "opencv-python-headless<5, or pass --no-detect for already-cropped "
+                        "faces") from err
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise UserError(f"OpenCV's face detector {path} could not be loaded; reinstall "
+                        "opencv-python-headless<5, or pass --no-detect for already-cropped faces")
+    return cascade
+
+
+def grey_of(image):
+    """A grey uint8 copy of a BGR picture (a grey one as it is)."""
+    import cv2
+    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+
+
+class HaarDetector:
+    """OpenCV's frontal-face Haar cascade, shipped inside opencv-python(-headless) 4. The search
+    runs on a copy at most `side` pixels across (fast on big photos); boxes are in the full
+    picture's pixels, left to right. Crops add FACE_MARGIN of the box on every side."""
+    margin = FACE_MARGIN
+
+    def __init__(self, side=DETECT_SIDE):
+        self.cascade, self.side = _haar_cascade(), side
+
+    def detect(self, bgr_image):
+        import cv2
+        grey = grey_of(bgr_image)
+        h, w = grey.shape
+        scale = min(1.0, self.side / max(h, w))
+        small = grey if scale == 1.0 else cv2.resize(
+            grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        found = self.cascade.detectMultiScale(small, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+        boxes = []
+        for x, y, bw, bh in (found if len(found) else []):
+            x0, y0 = int(round(x / scale)), int(round(y / scale))
+            x1, y1 = min(w, int(round((x + bw) / scale))), min(h, int(round((y + bh) / scale)))
+            boxes.append((x0, y0, x1 - x0, y1 - y0))
+        return sorted(boxes)
+
+
+class WholePicture:
+    """No detection (`--no-detect`): the whole picture is one already-cropped face."""
+    margin = 0.0
+
+    def detect(self, bgr_image):
+        return [(0, 0, bgr_image.shape[1], bgr_image.shape[0])]
+
+
+DETECTORS = {"haar": HaarDetector}
+_per_thread = threading.local()
+
+
+def face_detector(name="haar", side=DETECT_SIDE):
+    """The detector `name` searching at most `side` pixels across, made once per thread and
+    setting: loading a cascade takes ~80 ms (predict.detect_emotions may run for every frame),
+    and an OpenCV CascadeClassifier must not be shared between threads."""
+    made = _per_thread.__dict__.setdefault("detectors", {})
+    if (name, side) not in made:
+        made[name, side] = DETECTORS[name](side=side)
+    return made[name, side]
+
+
+def faces_in_image(image, predict_faces, detector):
+    """(boxes, 48x48 crops, probabilities) of one picture, a BGR or grey uint8 array: the faces
+    `detector` finds in it (WholePicture(): the picture is the face)."""
+    boxes = detector.detect(image)
+    if not boxes:
+        return [], np.zeros((0, SIDE, SIDE), np.uint8), np.zeros((0, len(EMOTIONS)))
+    grey = grey_of(image)
+    crops = np.stack([crop_face(grey, box, detector.margin) for box in boxes])
+    return boxes, crops, predict_faces(crops)
+
+
+def crop_face(grey, box, margin=FACE_MARGIN):
+    """The face in `box` plus `margin` of its size on each side, as 48x48. Where the margin runs
+    past the picture's edge, the edge pixels are repeated: the crop keeps the face's proportions
+    instead of being stretched to a square."""
+    import cv2
+    x, y, w, h = box
+    extra = margin * max(w, h)
+    height, width = grey.shape
+    x0, y0 = int(round(x - extra)), int(round(y - extra))
+    x1, y1 = int(round(x + w + extra)), int(round(y + h + extra))
+    crop = cv2.copyMakeBorder(grey[max(0, y0):min(height, y1), max(0, x0):min(width, x1)],
+                              max(0, -y0), max(0, y1 - height), max(0, -x0), max(0, x1 - width),
+                              cv2.BORDER_REPLICATE)
+    shrink = crop.shape[0] > SIDE or crop.shape[1] > SIDE
+    return cv2.resize(crop, (SIDE, SIDE), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+# ----------------------------------------------------------------------------- drawing
+
+# One colour per emotion (BGR), for boxes, labels, the legend, the video and the timeline.
+EMOTION_COLOURS = {"Angry": (40, 40, 220), "Disgust": (40, 150, 40), "Fear": (170, 60, 150),
+                   "Happy": (0, 210, 255), "Sad": (200, 120, 30), "Surprise": (0, 140, 255),
+                   "Neutral": (170, 170, 170)}
+
+FONT_SCALE_MIN = 0.35  # labels are shrunk down to this to fit their box's width, then shortened
+
+def text_colour(bgr):
+    """Black on light colours, white on dark ones."""
+    b, g, r = bgr
+    return (0, 0, 0) if 0.114 * b + 0.587 * g + 0.299 * r > 140 else (255, 255, 255)
+
+def fit_label(texts, width, scale, thick):
+    """The first of `texts` (longest first) and the font scale at which it fits in `width` pixels,
+    shrinking the scale down to FONT_SCALE_MIN; None when none fits (a box a few pixels wide).
+    Returns (text, scale, label width, label height, baseline)."""
+    import cv2
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for text in texts:
+        (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+        fitted = min(scale, scale * (width - 4) / max(tw, 1))
+        if fitted >= FONT_SCALE_MIN:
+            (tw, th), base = cv2.getTextSize(text, font, fitted, thick)
+            return text, fitted, tw + 4, th + base + 4, base
+    return None
+
+def place_labels(boxes, sizes, height):
+    """The top edge of each face's label, or None where no place is free.
+
+    A label spans its box's left edge to its own width (never wider than the box, see fit_label),
+    so it stays in its face's column. Faces are taken top to bottom; each label goes to the free
+    position nearest to just above its box or just below it (ties: above), inside the image and
+    clear of every label placed before. The best position is one of those two, an image edge, or
+    touching a label already placed, so only those are tried."""
+    tops = [None] * len(boxes)
+    placed = []  # (left, right, top, bottom) of the labels placed so far
+    for i in sorted(range(len(boxes)), key=lambda i: (boxes[i][1], boxes[i][0])):
+        if sizes[i] is None:
+            continue
+        (x, y, _, h), (lw, lh) = boxes[i], sizes[i]
+        blockers = [(t, b) for left, right, t, b in placed if left < x + lw and x < right]
+        wanted = (y - lh, y + h)
+        candidates = {*wanted, y, 0, height - lh, *(b for _, b in blockers),
+                      *(t - lh for t, _ in blockers)}
+        free = [t for t in candidates if 0 <= t <= height - lh
+                and all(t + lh <= bt or t >= bb for bt, bb in blockers)]
+        if free:
+            tops[i] = min(free, key=lambda t: (min(abs(t - wanted[0]), abs(t - wanted[1])),
+                                               abs(t - wanted[0])))
+            placed.append((x, x + lw, tops[i], tops[i] + lh))
+    return tops
+
+def draw_legend(image, boxes):
+    """The seven emotions and their colours in the corner that covers the fewest faces
+    (bottom right when it makes no difference)."""
+    import cv2
+    height, width = image.shape[:2]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = max(0.35, min(height, width) / 1400)
+    thick = 1
+    (tw, th), base = cv2.getTextSize("Surprise", font, scale, thick)
+    row = th + base + 4
+    lw, lh = tw + th + 14, row * len(EMOTIONS) + 4
+    if lw >= width or lh >= height:
+        return image  # a thumbnail: no room for a legend
+
+    def covered(corner):
+        left, top = corner
+        return sum(max(0, min(left + lw, x + w) - max(left, x)) * max(0, min(top + lh, y + h) - max(top, y))
+                   for x, y, w, h in boxes)
+    corners = [(width - lw, height - lh), (0, height - lh), (width - lw, 0), (0, 0)]
+    left, top = min(corners, key=covered)  # min keeps the first of equals: bottom right
+    cv2.rectangle(image, (left, top), (left + lw - 1, top + lh - 1), (40, 40, 40), -1)
+    for k, name in enumerate(EMOTIONS):
+        y = top + 4 + k * row
+        cv2.rectangle(image, (left + 4, y + 1), (left + 4 + th, y + 1 + th), EMOTION_COLOURS[name], -1)
+        cv2.putText(image, name, (left + th + 10, y + th + 1), font, scale, (255, 255, 255), thick,
+                    cv2.LINE_AA)
+    return image
+
+def annotate(image, faces, legend=True):
+    """Draw each face [(box, emotion, confidence) or (box, emotion, confidence, track id)] on a BGR
+    image in place: a box in the emotion's colour and a label '#id Emotion 87%' in the same colour
+    (see place_labels: labels never overlap and stay above, below or inside their own box's
+    column), plus a colour legend; an image without faces gets a 'no face found' note."""
+    import cv2
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    height, width = image.shape[:2]
+    if not faces:
+        scale = max(0.5, max(height, width) / 1000)
+        thick = max(1, round(scale * 2))
+        (tw, th), base = cv2.getTextSize("no face found", font, scale, thick)
+        cv2.rectangle(image, (0, 0), (tw + 8, th + base + 8), (255, 255, 255), -1)
+        cv2.putText(image, "no face found", (4, th + 4), font, scale, (0, 0, 200), thick, cv2.LINE_AA)
+        return image
+    boxes, labels = [], []
+    for box, emotion, confidence, *track in faces:
+        x, y, w, h = (int(v) for v in box)
+        thick = max(1, round(max(w, h) / 100))
+        tag = f"#{track[0]} " if track else ""
+        texts = (f"{tag}{emotion} {confidence:.0%}", f"{tag}{emotion}", f"{tag}{emotion[:3]}",
+                 emotion, emotion[:3])  # the first that fits the box's width
+        boxes.append((x, y, w, h))
+        labels.append((emotion, thick, fit_label(texts, w, max(0.4, min(3.0, w / 160)),
+                                                 max(1, thick // 2))))
+    if legend:
+        draw_legend(image, boxes)
+    tops = place_labels(boxes, [None if fit is None else fit[2:4] for _, _, fit in labels], height)
+    for (x, y, w, h), (emotion, thick, _) in zip(boxes, labels):  # all boxes under all labels
+        cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1),
+                      EMOTION_COLOURS.get(emotion, (0, 200, 0)), thick)
+    for (x, y, w, h), (emotion, thick, fit), top in zip(boxes, labels, tops):
+        if top is None:
+            continue
+        colour = EMOTION_COLOURS.get(emotion, (0, 200, 0))
+        text, scale, lw, lh, base = fit
+        cv2.rectangle(image, (x, top), (x + lw - 1, top + lh - 1), colour, -1)
+        cv2.putText(image, text, (x + 2, top + lh - base - 2), font, scale, text_colour(colour),
+                    max(1, thick // 2), cv2.LINE_AA)
+    return image
+
+def write_image(path, image):
+    import cv2
+    ext = os.path.splitext(path)[1].lower()
+    ok, buf = cv2.imencode(ext if ext in IMAGE_EXTENSIONS else ".png", image)
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    atomic_write(path, lambda f: f.write(buf.tobytes()))
