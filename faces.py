@@ -230,15 +230,14 @@ def face_detector(name="haar", side=DETECT_SIDE):
     return made[name, side]
 
 
-def faces_in_image(image, predict_faces, detector):
-    """(boxes, 48x48 crops, probabilities) of one picture, a BGR or grey uint8 array: the faces
-    `detector` finds in it (WholePicture(): the picture is the face)."""
+def find_faces(image, detector):
+    """(boxes, 48x48 grey crops) of the faces `detector` finds in a BGR or grey uint8 picture
+    (WholePicture(): the picture is the face)."""
     boxes = detector.detect(image)
     if not boxes:
-        return [], np.zeros((0, SIDE, SIDE), np.uint8), np.zeros((0, len(EMOTIONS)))
+        return [], np.zeros((0, SIDE, SIDE), np.uint8)
     grey = grey_of(image)
-    crops = np.stack([crop_face(grey, box, detector.margin) for box in boxes])
-    return boxes, crops, predict_faces(crops)
+    return boxes, np.stack([crop_face(grey, box, detector.margin) for box in boxes])
 
 
 def crop_face(grey, box, margin=FACE_MARGIN):

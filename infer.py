@@ -34,17 +34,18 @@ from utils import (DEFAULT_CSV, EMOTIONS, SPLITS, Parser, UserError, autocast_dt
                    device_flags, flag, new_folder, one_of, run_cli, select_device)
 
 
-def default_output_dir(paths, images=False, kind="photos"):
-    """outputs/infer/<checkpoint's folder>/<checkpoint name> (ensembles: outputs/infer/ensemble/
-    a+b); photos and videos go to a photos_<time> or video_<time> folder inside it (`kind`), so
-    each call keeps its own results."""
+def default_output_dir(paths, kind="report", split="test"):
+    """Where results go without -o, two levels deep: outputs/photos_<time> or outputs/video_<time>
+    (`kind`; each call its own folder); a split report goes to outputs/<checkpoint's folder>_
+    <checkpoint name>_<split> (ensembles: outputs/ensemble_<a+b>_<split>)."""
+    if kind != "report":
+        return os.path.join("outputs", time.strftime(f"{kind}_%Y%m%d-%H%M%S"))
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     if len(paths) == 1:
-        parent = os.path.basename(os.path.dirname(os.path.abspath(paths[0])))
-        folder = os.path.join("outputs", "infer", parent, stems[0])
+        name = f"{os.path.basename(os.path.dirname(os.path.abspath(paths[0])))}_{stems[0]}"
     else:
-        folder = os.path.join("outputs", "infer", "ensemble", "+".join(stems)[:120])
-    return os.path.join(folder, time.strftime(f"{kind}_%Y%m%d-%H%M%S")) if images else folder
+        name = "ensemble_" + "+".join(stems)[:120]
+    return os.path.join("outputs", f"{name}_{split}")
 
 
 def emotion(value):
@@ -119,8 +120,8 @@ def get_args_parser():
 
     g = p.add_argument_group("output and hardware")
     flag(g, "-o", "--output", default=None,
-         help="output folder (default: outputs/infer/<checkpoint folder>/<checkpoint name>, and "
-              "a photos_<time> or video_<time> folder inside it for photos and videos)")
+         help="output folder (default: outputs/photos_<time> or outputs/video_<time>; for a split "
+              "outputs/<checkpoint folder>_<checkpoint name>_<split>)")
     flag(g, "--batch_size", type=int, default=None,
          help="faces per batch (default: 64 on a CPU, 512 on a GPU)")
     device_flags(g)
@@ -154,8 +155,9 @@ def export(source, target):
     if onnx_model.is_onnx(source):
         raise UserError(f"{source} is already an ONNX file; export from the .pth checkpoint")
     if os.path.exists(target) and os.path.exists(source) and os.path.samefile(source, target):
-        raise UserError(f"--export {target} would replace the checkpoint it reads "
-                        "(and lose its training state): choose another file name")
+        training = "train_state" in checkpoint.load(source)
+        raise UserError(f"--export {target} would replace the file it reads"
+                        + (" (and lose its training state)" if training else "") + ": choose another file name")
     size = os.path.getsize(checkpoint.export(source, target)) / 2**20
     kind = (f"ONNX, opset {onnx_model.OPSET}, fp32, dynamic batch" if onnx_model.is_onnx(target)
             else "fp16 PyTorch")
@@ -221,16 +223,17 @@ def main(argv=None):
         for model in models:
             explain.cam_layer(model)  # fail before the work when a model cannot be explained
     media = args.images is not None or args.video is not None
-    out_dir = args.output or default_output_dir(paths, images=media, kind="photos" if args.images else "video")
+    kind = ("photos" if args.images else "video") if media else "report"
+    out_dir = args.output or default_output_dir(paths, kind, args.split)
     if media and not args.output:
         out_dir = new_folder(out_dir)  # its own folder, even beside a call started the same second
     # A split report makes its own new folder (report.report); photos and videos write into out_dir.
     check_writable(out_dir if media else os.path.dirname(os.path.abspath(out_dir)))
     amp_dtype = autocast_dtype(args.amp, args.device)
-    onnx_note = (", ONNX through onnxruntime on the CPU"
-                 if any(isinstance(m, onnx_model.OnnxModel) for m in models) else "")
+    onnx = [isinstance(m, onnx_model.OnnxModel) for m in models]
+    precision = (f", {str(amp_dtype).split('.')[-1]} autocast" if amp_dtype and not all(onnx) else ", fp32")
     print(f"loaded {report.describe(models)}: {', '.join(m.name for m in models)} on {args.device.type}"
-          + (f", {str(amp_dtype).split('.')[-1]} autocast" if amp_dtype else "") + onnx_note)
+          + precision + (", ONNX through onnxruntime on the CPU (fp32)" if any(onnx) else ""))
     if args.amp and amp_dtype is None:
         print(f"note: --amp needs CUDA or a CPU with bf16 support; computing in fp32 on {args.device.type}")
     with predict.autocast(args.device, amp_dtype):

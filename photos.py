@@ -5,10 +5,18 @@ faces (N, 48, 48) to probabilities (N, 7), so this module knows nothing about ch
 """
 import os
 import sys
+from dataclasses import dataclass, field
 
-from faces import (IMAGE_EXTENSIONS, Skipped, WholePicture, annotate, face_detector, faces_in_image,
+import numpy as np
+
+from faces import (IMAGE_EXTENSIONS, Skipped, WholePicture, annotate, face_detector, find_faces,
                    find_images, read_image, warn, write_image)
 from utils import EMOTIONS, UserError, atomic_write, save_json
+
+# The faces of up to this many photos (fewer when they hold more pixels) go through the model in
+# one batch: one forward pass per photo made folders of small faces 3x slower.
+PHOTO_BATCH, BATCH_PIXELS = 64, 100_000_000
+FACES_LISTED = 10  # with at most this many faces, the terminal shows one line per face
 
 
 def unique_name(name, used):
@@ -56,31 +64,32 @@ def write_faces_table(rows, class_names, out_dir):
              "annotated": r["annotated"]} for r in rows]
 
 
+@dataclass
+class Results:
+    """What classify_photos has found so far."""
+    out_dir: str
+    keep_crops: bool = False
+    rows: list = field(default_factory=list)  # faces.csv rows
+    kept: list = field(default_factory=list)  # (annotated copy's path, crops, probabilities)
+    names: set = field(default_factory=set)  # annotated copies' names, lower case
+    processed: int = 0
+
+
 def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print, keep_crops=False):
-    """Find, crop and classify the faces in photos (files or folders), one photo at a time; write
-    annotated copies under out_dir/annotated/ and faces.csv / faces.json (boxes x, y, w, h in the
-    pixels of the file; a photo without a face gets one row with emotion 'no face'). Unusable
-    inputs are named in a warning and skipped.
+    """Find, crop and classify the faces in photos (files or folders); write annotated copies
+    under out_dir/annotated/ and faces.csv / faces.json (boxes x, y, w, h in the pixels of the
+    file; a photo without a face gets one row with emotion 'no face'). The faces of up to
+    PHOTO_BATCH photos are classified in one batch. Unusable inputs are named in a warning and
+    skipped.
 
     `predict_faces(faces)` maps uint8 faces (N, 48, 48) to probabilities (N, 7).
     Returns {"processed": n, "skipped": [{file, reason}], "faces": [...], csv, json, ...}, and with
     `keep_crops` "crops": [(annotated copy's path, its face crops, their probabilities)] (for
-    Grad-CAM maps);
-    raises UserError when not a single image could be processed."""
+    Grad-CAM maps); raises UserError when not a single image could be processed."""
     from tqdm import tqdm
-    class_names = EMOTIONS
-    entries, passed_over = find_images(inputs)
-    skipped = []
-    for path, reason, shown in passed_over:
-        if shown:
-            warn(f"{path} {reason}; skipped")
-        skipped.append({"file": path, "reason": reason})
-    hidden = sum(not shown for _, _, shown in passed_over)
-    if hidden:
-        warn(f"{hidden} more files that are not images; skipped")
+    entries, skipped = usable_inputs(inputs)
     detector = face_detector() if detect else WholePicture()
-    annotated_dir = os.path.join(out_dir, "annotated")
-    used_names, rows, processed, kept = set(), [], 0, []
+    results, pending, pixels = Results(out_dir, keep_crops), [], 0
     for path, name in tqdm(entries, desc="photos", unit="image", disable=len(entries) < 2,
                            file=sys.stderr, dynamic_ncols=True):
         try:
@@ -91,35 +100,72 @@ def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print, keep
             continue
         if note:
             warn(f"{path} {note}")
-        boxes, crops, probs = faces_in_image(image, predict_faces, detector)
-        target = os.path.join(annotated_dir, unique_name(name, used_names))
-        if keep_crops and boxes:
-            kept.append((target, crops, probs))
-        rows += photo_rows(path, boxes, probs, factor, class_names, target)
-        labels = [(box, class_names[int(p.argmax())], float(p.max())) for box, p in zip(boxes, probs)]
+        pending.append((path, name, image, factor, *find_faces(image, detector)))
+        pixels += image.size
+        if len(pending) >= PHOTO_BATCH or pixels >= BATCH_PIXELS:
+            finish_batch(pending, predict_faces, results)
+            pending, pixels = [], 0
+    finish_batch(pending, predict_faces, results)
+    if results.processed == 0:
+        what = f"none of the {len(entries)} image files" if entries else "no image files were found"
+        raise UserError(f"nothing could be processed: {what}"
+                        f"{' could be read' if entries else ''} in {', '.join(map(str, inputs))}")
+    faces = write_faces_table(results.rows, EMOTIONS, out_dir)
+    result = {"processed": results.processed, "skipped": skipped, "detect": detect,
+              "class_names": list(EMOTIONS), "faces": faces}
+    save_json(result, os.path.join(out_dir, "faces.json"))
+    say_results(results, len(skipped), detect, log)
+    return dict(result, csv=os.path.join(out_dir, "faces.csv"), json=os.path.join(out_dir, "faces.json"),
+                annotated_dir=os.path.join(out_dir, "annotated"), crops=results.kept)
+
+
+def usable_inputs(inputs):
+    """find_images' ([(path, output name)], [{file, reason}] passed over), the latter named in
+    warnings (the first few of a folder's non-images, then a count)."""
+    entries, passed_over = find_images(inputs)
+    for path, reason, shown in passed_over:
+        if shown:
+            warn(f"{path} {reason}; skipped")
+    hidden = sum(not shown for _, _, shown in passed_over)
+    if hidden:
+        warn(f"{hidden} more files that are not images; skipped")
+    return entries, [{"file": path, "reason": reason} for path, reason, _ in passed_over]
+
+
+def finish_batch(pending, predict_faces, results):
+    """Classify the faces of the `pending` photos [(path, name, image, factor, boxes, crops)] in
+    one batch, then write each annotated copy and add its rows to `results`."""
+    crops = [photo[5] for photo in pending]
+    if sum(map(len, crops)):
+        probs = np.split(predict_faces(np.concatenate(crops)), np.cumsum([len(c) for c in crops])[:-1])
+    else:
+        probs = [np.zeros((0, len(EMOTIONS)))] * len(pending)
+    for (path, name, image, factor, boxes, face_crops), p in zip(pending, probs):
+        target = os.path.join(results.out_dir, "annotated", unique_name(name, results.names))
+        if results.keep_crops and boxes:
+            results.kept.append((target, face_crops, p))
+        results.rows += photo_rows(path, boxes, p, factor, EMOTIONS, target)
+        labels = [(box, EMOTIONS[int(q.argmax())], float(q.max())) for box, q in zip(boxes, p)]
         try:
             write_image(target, annotate(image, labels))
         except OSError as err:
             warn(f"{target}: could not write the annotated copy ({err})")
-        processed += 1
-    if processed == 0:
-        what = f"none of the {len(entries)} image files" if entries else "no image files were found"
-        raise UserError(f"nothing could be processed: {what}"
-                        f"{' could be read' if entries else ''} in {', '.join(map(str, inputs))}")
+        results.processed += 1
 
-    faces = write_faces_table(rows, class_names, out_dir)
-    result = {"processed": processed, "skipped": skipped, "detect": detect,
-              "class_names": list(class_names), "faces": faces}
-    save_json(result, os.path.join(out_dir, "faces.json"))
-    found = [r for r in rows if r["x"] is not None]
-    no_face = len(rows) - len(found)
-    log(f"{processed} image(s) processed: {len(found)} face(s), {no_face} image(s) without a face, "
-        f"{len(skipped)} input(s) skipped")
-    if found:
-        counts = {n: sum(r["emotion"] == n for r in found) for n in class_names}
+
+def say_results(results, skipped, detect, log):
+    """The summary lines: counts, emotions, and one line per face when there are few."""
+    found = [r for r in results.rows if r["x"] is not None]
+    no_face = len(results.rows) - len(found)
+    log(f"{results.processed} image(s) processed: {len(found)} face(s), {no_face} image(s) without "
+        f"a face, {skipped} input(s) skipped")
+    if 0 < len(found) <= FACES_LISTED:
+        for r in found:
+            log(f"  {os.path.basename(r['file'])} face {r['face']}: {r['emotion']} {r['confidence']:.0%} "
+                f"at x {r['x']}, y {r['y']}, {r['w']}x{r['h']}")
+    elif found:
+        counts = {n: sum(r["emotion"] == n for r in found) for n in EMOTIONS}
         log("  " + ", ".join(f"{n} {c}" for n, c in counts.items() if c))
     if no_face and detect:
         log("  (no face found: if those images are already-cropped faces, pass --no-detect)")
-    log(f"wrote faces.csv, faces.json and annotated copies to {out_dir}")
-    return dict(result, csv=os.path.join(out_dir, "faces.csv"),
-                json=os.path.join(out_dir, "faces.json"), annotated_dir=annotated_dir, crops=kept)
+    log(f"wrote faces.csv, faces.json and annotated copies to {results.out_dir}")

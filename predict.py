@@ -126,25 +126,42 @@ def predict(models, images, tta="none", batch_size=None, device="cpu"):
     return predict_modes(models, images, (tta,), batch_size, device)[tta]
 
 
-def detect_emotions(models, image, tta="none", detect=True, device="cpu"):
+def detect_emotions(models, image, tta="none", detect=True, device="cpu", colours="bgr"):
     """The faces in one picture and their emotions, for use from Python (as fer's
-    FER().detect_emotions or deepface's analyze): `image` a photo's path or a BGR or grey uint8
-    array (cv2.imread, a video frame), `models` from load_models. Returns one dict per face,
-    {"box": (x, y, w, h) in the picture's pixels, "emotion": "Happy", "confidence": 0.93,
-    "emotions": {"Angry": p, ...}}; `detect=False` takes the whole picture as one face."""
+    FER().detect_emotions or deepface's analyze). `models` from load_models (None: the shipped
+    model, loaded once); `image` a photo's path, a PIL image, or a uint8 array: grey, or colour in
+    the order `colours` names: "bgr" for OpenCV (cv2.imread, video frames; the default), "rgb" for
+    PIL, matplotlib, imageio or scikit-image arrays. Returns one dict per face, {"box": (x, y, w,
+    h) in the picture's pixels, "emotion": "Happy", "confidence": 0.93, "emotions": {"Angry": p,
+    ...}}; `detect=False` takes the whole picture as one face."""
+    import cv2
+    if colours not in ("bgr", "rgb"):
+        raise ValueError(f"colours must be 'bgr' or 'rgb', got {colours!r}")
+    models = _default_models() if models is None else models
     factor = 1
     if isinstance(image, (str, os.PathLike)):
         try:
             image, factor, _ = faces.read_image(image)
         except faces.Skipped as why:
             raise ValueError(f"{image} {why}") from None
+    elif hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image: RGB whatever its mode
+        image, colours = np.asarray(image.convert("RGB")), "rgb"
     image = np.asarray(image)
     if image.dtype != np.uint8 or not (image.ndim == 2 or image.ndim == 3 and image.shape[2] == 3):
-        raise ValueError(f"expected a BGR or grey uint8 picture, got a {image.dtype} array of shape {image.shape}")
-    boxes, _, probs = faces.faces_in_image(
-        image, lambda crops: predict(models, crops, tta, device=device),
-        faces.face_detector() if detect else faces.WholePicture())
+        raise ValueError(f"expected a grey or 3-channel uint8 picture, got a {image.dtype} array of shape {image.shape}")
+    if image.ndim == 3 and colours == "rgb":
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    boxes, crops = faces.find_faces(image, faces.face_detector() if detect else faces.WholePicture())
+    probs = predict(models, crops, tta, device=device) if boxes else []
     return [{"box": tuple(int(v) * factor for v in box), "emotion": EMOTIONS[int(p.argmax())],
              "confidence": float(p.max()), "emotions": dict(zip(EMOTIONS, map(float, p)))}
             for box, p in zip(boxes, probs)]
 
+
+_shipped = []  # the default model of detect_emotions, loaded on first use
+
+
+def _default_models():
+    if not _shipped:
+        _shipped.extend(load_models())
+    return _shipped

@@ -131,22 +131,24 @@ def save_face_grid(images, labels, probs, class_names, indices, path, title):
 
 def training_data(paths, given):
     """The data set to evaluate on: -d when given, else the one the (first) checkpoint was trained
-    on when it is still there (the synthetic faces are drawn again), else ./data/fer2013.csv."""
+    on when it is at that path (the synthetic faces are drawn again), else ./data/fer2013.csv.
+    With none of them there, a UserError says what infer.py can do instead."""
     if given is not None:
         return given
     first = paths[0]
     trained_on = (onnx_model.OnnxModel(first).metadata if onnx_model.is_onnx(first)
                   else checkpoint.load(first)).get("dataset")
-    if not trained_on:
-        return DEFAULT_CSV
-    if os.path.basename(trained_on) == os.path.basename(dataset.SYNTHETIC_CSV):
+    if trained_on and os.path.basename(trained_on) == os.path.basename(dataset.SYNTHETIC_CSV):
         trained_on = "synthetic"
-    elif not os.path.exists(trained_on):
-        print(f"note: {paths[0]} was trained on {trained_on}, which is not there any more; "
-              f"evaluating on {DEFAULT_CSV} (-d to choose another)")
+    if trained_on == "synthetic" or trained_on and os.path.exists(trained_on):
+        print(f"evaluating on {trained_on}, the data set the checkpoint was trained on (-d to choose another)")
+        return trained_on
+    if os.path.exists(DEFAULT_CSV):
+        print(f"evaluating on {DEFAULT_CSV} (-d to choose another)")
         return DEFAULT_CSV
-    print(f"evaluating on {trained_on}, the data set the checkpoint was trained on (-d to choose another)")
-    return trained_on
+    raise UserError("nothing to do: pass --images PHOTO ... or --video FILE ... to classify the faces "
+                    "in your pictures, or -d FER2013.csv to evaluate on a labelled split "
+                    f"({DEFAULT_CSV} is not there; README 'Getting FER2013')")
 
 
 def describe(models):

@@ -8,6 +8,7 @@ import argparse
 import csv
 import glob
 import io
+import math
 import os
 import sys
 import time
@@ -346,9 +347,9 @@ def claim_run_folder(ckpt_dir, resuming, model_name):
     if not resuming and glob.glob(os.path.join(ckpt_dir, "*.pth")):
         os.remove(lock)
         last = glob.glob(os.path.join(ckpt_dir, f"{model_name}_last.pth"))
-        hint = (f"resume it with: python3 run.py --checkpoint {last[0]}" if last
+        hint = (f"resume it with: python3 run.py --checkpoint {last[0]}, or pick another --run_name" if last
                 else "pick another --run_name")
-        raise UserError(f"{ckpt_dir} already holds a run; {hint} (or choose another --run_name)")
+        raise UserError(f"{ckpt_dir} already holds a run; {hint}")
     for stale in glob.glob(os.path.join(ckpt_dir, ".tmp-*")):
         os.remove(stale)  # we hold the lock: no live process is writing these
     return lock
@@ -417,8 +418,11 @@ class Run:
 def main(argv):
     """Train to the next validation, validate, decide, save; then test the best on PrivateTest."""
     args, resume, init = resolve_run(get_args_parser(), argv)
-    run, folders = prepare(args, resume, init)
+    folders = {"new": [], "lock": []}  # the run's folders this command created, and its lock
     try:
+        run = prepare(args, resume, init, folders)
+        if run is None:
+            return 0
         announce(run, resume, init)
         steps_per_epoch = len(run.batches)
         total_steps = args.epoch_num * steps_per_epoch
@@ -457,14 +461,24 @@ def main(argv):
                 os.rmdir(folder)
 
 
-def prepare(args, resume, init):
-    """Everything a run needs, inputs first: nothing is created on disk until the data and the
-    models are in hand. Returns (Run, {"lock": [lock file], "new": [folders this run created]})."""
+def prepare(args, resume, init, folders):
+    """Everything a run needs: first its folders (the run name is checked and claimed before any
+    download or slow work; `folders` records what this command created, which main removes again
+    if it stays empty), then the data and the models. Returns the Run, or None when a resumed run
+    has nothing left to do."""
     rank, world, device = setup_distributed(args.device)
     if resume is not None and resume.get("world_size", 1) != world:
         raise UserError(f"{args.checkpoint} was trained by {resume.get('world_size', 1)} process(es) and "
                         f"this is {world}: resume it with as many (torchrun --nproc_per_node N), since its "
                         "steps, batches and schedule are counted per process")
+    ckpt_dir, out_dir = run_folders(args, resume, world)
+    paths = {kind: os.path.join(ckpt_dir, f"{args.model}_{kind}.pth") for kind in ("best", "last")}
+    if resume is not None and finished(args, resume, out_dir):
+        return None
+    folders["new"] += [f for f in (ckpt_dir, out_dir) if not os.path.exists(f)]
+    if rank == 0:
+        folders["lock"].append(claim_run_folder(ckpt_dir, resume is not None, args.model))
+        check_writable(out_dir)
     reuse_freed_memory(device)  # each step's large activations reuse memory, not fault it in again
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.threads:
@@ -487,19 +501,32 @@ def prepare(args, resume, init):
     state = restore(parts, resume, rank) if resume is not None else checkpoint.TrainState()
     if args.amp and parts.amp_dtype is None:
         log(f"note: --amp needs CUDA or a CPU with bf16 support; training in fp32 on {device.type}")
-    ckpt_dir, out_dir = run_folders(args, resume, world)
-    paths = {kind: os.path.join(ckpt_dir, f"{args.model}_{kind}.pth") for kind in ("best", "last")}
-    folders = {"new": [f for f in (ckpt_dir, out_dir) if not os.path.exists(f)], "lock": []}
-    if rank == 0:
-        folders["lock"].append(claim_run_folder(ckpt_dir, resume is not None, args.model))
-        check_writable(out_dir)
     parts.model = wrap_model(parts.model, args, device, world)
     batches = dataset.Batches(*splits["train"], args.batch_size, device, args.seed, rank=rank, world=world)
     val_batches = dataset.Batches(*splits["val"], eval_batch_size(args.eval_batch_size, device),
                                   device, shuffle=False, rank=rank, world=world)
-    run = Run(args, data, splits, parts, state, batches, val_batches, paths, out_dir,
-              used_imagenet, rank, log, counts)
-    return run, folders
+    return Run(args, data, splits, parts, state, batches, val_batches, paths, out_dir,
+               used_imagenet, rank, log, counts)
+
+
+def finished(args, resume, out_dir):
+    """True (with a note on how to go on) when the resumed run has no epochs left or stopped
+    early: resuming it again would only test it again."""
+    state, counts = resume["train_state"], resume.get("class_counts") or {}
+    if "Training" not in counts:
+        return False
+    steps_per_epoch = math.ceil(sum(counts["Training"]) / (args.batch_size * resume.get("world_size", 1)))
+    if state.step >= args.epoch_num * steps_per_epoch:
+        why, how = f"finished all its {args.epoch_num} epochs", "--epoch_num N (more than " + f"{args.epoch_num})"
+    elif state.bad_validations >= args.patience:
+        why, how = (f"stopped early after {args.patience} validations without improvement",
+                    f"--patience N (more than {args.patience})")
+    else:
+        return False
+    print(f"note: {args.run_name} already {why}; its PrivateTest report is in "
+          f"{os.path.join(out_dir, 'test')} (or the folder of the command that finished it). "
+          f"To train it further: python3 run.py --checkpoint {args.checkpoint} {how}")
+    return True
 
 
 def restore(parts, resume, rank):

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from faces import (EARLIER_OUTPUT, EMOTION_COLOURS, Skipped, annotate, crop_face, face_detector,
-                   walk_inputs, warn)
+from faces import (EARLIER_OUTPUT, EMOTION_COLOURS, IMAGE_EXTENSIONS, Skipped, annotate, crop_face,
+                   face_detector, walk_inputs, warn)
 from utils import EMOTIONS, UserError, save_figure, save_json
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv",
@@ -23,6 +23,9 @@ VIDEO_DETECT_SIDE = 400  # video frames are searched for faces on a copy this wi
 DETECT_EVERY = 3  # detect on every 3rd analysed frame; the tracker carries the boxes in between
 SMOOTH_FRAMES = 5  # the annotation's label: the mean probabilities of a track's last 5 frames
 MAX_MISSED = 5  # a track not re-detected in this many detection rounds ends
+CUT_CHANGE = 30.0  # mean grey-level change of a 64x48 thumbnail from one analysed frame to the next: a shot cut
+MAX_SIZE_JUMP = 1.6  # a detection this many times larger or smaller than a track's box starts a new track
+MIN_LIKENESS = 0.3  # nor does one whose 16x16 look correlates less than this with the track's last one
 TIMELINE_TRACKS = 8  # the timeline shows at most this many tracks (the longest ones)
 VIDEO_FILES = ("frames.csv", "annotated.mp4", "timeline.png", "summary.json")
 
@@ -42,6 +45,8 @@ def find_videos(paths):
             found.append((int(given), f"camera{given}"))
         elif not os.path.exists(given):
             skipped.append((given, "does not exist (no such file or folder)"))
+        elif given.lower().endswith(IMAGE_EXTENSIONS):
+            skipped.append((given, "is a photo, not a video: pass photos with --images"))
         elif not os.path.isdir(given):
             found.append((given, os.path.splitext(os.path.basename(given))[0]))
         else:
@@ -101,10 +106,11 @@ class Tracker:
 
     A detection continues the track whose box (moved on by its speed) it overlaps most (IoU at
     least 0.3), or whose centre is within 3/4 of a face of its own; matches are taken best first,
-    one detection per track. A track not re-detected in MAX_MISSED detection rounds ends, so a
-    face that leaves and comes back may get a new id. Between detections, `carry` moves the boxes
-    of the tracks seen at the last detection at their speed. Each track also keeps its last
-    `window` probabilities for a steady label (`smoothed`)."""
+    one detection per track, never a box whose size jumps (MAX_SIZE_JUMP) or whose look changes
+    sharply (MIN_LIKENESS). A track not re-detected in MAX_MISSED detection rounds ends, so a
+    face that leaves and comes back may get a new id; `end_all` ends every track (a shot cut).
+    Between detections, `carry` moves the boxes of the tracks seen at the last detection at their
+    speed. Each track also keeps its last `window` probabilities for a steady label (`smoothed`)."""
 
     def __init__(self, window=SMOOTH_FRAMES):
         self.tracks = {}  # id -> {"box", "frame", "speed" (dx, dy, dw, dh per frame), "missed", "probs"}
@@ -114,16 +120,25 @@ class Tracker:
         step = frame - track["frame"]
         return tuple(v + s * step for v, s in zip(track["box"], track["speed"]))
 
-    def update(self, boxes, frame):
-        """Match the detections of `frame` (an increasing number) to tracks; their ids in order."""
+    def end_all(self):
+        """End every track: after a shot cut no face continues (ids keep counting up)."""
+        self.tracks = {}
+
+    def update(self, boxes, frame, looks=None):
+        """Match the detections of `frame` (an increasing number) to tracks; their ids in order.
+        `looks`: each detection's look (see `look`), to keep a track from passing to another face."""
         from collections import deque
+        looks = looks or [None] * len(boxes)
         pairs = []
         for tid, track in self.tracks.items():
             tx, ty, tw, th = self._at(track, frame)
             for j, (x, y, w, h) in enumerate(boxes):
                 overlap = iou((tx, ty, tw, th), (x, y, w, h))
                 dist = math.hypot(tx + tw / 2 - x - w / 2, ty + th / 2 - y - h / 2)
-                if overlap >= 0.3 or dist <= 0.75 * max(tw, w):
+                near = overlap >= 0.3 or dist <= 0.75 * max(tw, w)
+                same = (max(w / max(tw, 1), tw / max(w, 1)) <= MAX_SIZE_JUMP
+                        and likeness(track.get("look"), looks[j]) >= MIN_LIKENESS)
+                if near and same:
                     pairs.append((-overlap, dist, tid, j))
         ids, taken = [None] * len(boxes), set()
         for _, _, tid, j in sorted(pairs):
@@ -134,12 +149,12 @@ class Tracker:
             if ids[j] is None:
                 ids[j], self.next_id = self.next_id, self.next_id + 1
                 self.tracks[ids[j]] = {"box": box, "frame": frame, "speed": (0, 0, 0, 0), "missed": 0,
-                                       "probs": deque(maxlen=self.window)}
+                                       "probs": deque(maxlen=self.window), "look": looks[j]}
             else:
                 track = self.tracks[ids[j]]
                 step = max(1, frame - track["frame"])
                 track["speed"] = tuple((new - old) / step for new, old in zip(box, track["box"]))
-                track.update(box=box, frame=frame, missed=0)
+                track.update(box=box, frame=frame, missed=0, look=looks[j])
         for tid in [t for t in self.tracks if t not in taken and self.tracks[t]["frame"] != frame]:
             self.tracks[tid]["missed"] += 1
             if self.tracks[tid]["missed"] >= MAX_MISSED:
@@ -168,6 +183,25 @@ class Tracker:
         return np.mean(history, axis=0)
 
 
+def look(grey, box):
+    """A face's look for the tracker: its box as 16x16 grey levels, standardised."""
+    import cv2
+    x, y, w, h = box
+    patch = cv2.resize(grey[y:y + h, x:x + w], (16, 16), interpolation=cv2.INTER_AREA).astype(np.float32)
+    return (patch - patch.mean()) / (patch.std() + 1e-3)
+
+
+def likeness(a, b):
+    """The correlation of two looks (1: the same picture); 1 when either is unknown."""
+    return 1.0 if a is None or b is None else float((a * b).mean())
+
+
+def thumbnail(grey):
+    """A 64x48 float copy of a frame: consecutive ones far apart (CUT_CHANGE) mean a shot cut."""
+    import cv2
+    return cv2.resize(grey, (64, 48), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
 @dataclass
 class VideoSettings:
     """How videos are analysed: infer.py's video flags."""
@@ -192,6 +226,7 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     timing: dict = field(default_factory=lambda: dict.fromkeys(("read", "detect", "classify", "write"), 0.0))
     with_faces: int = 0  # analysed frames that had faces
+    cuts: list = field(default_factory=list)  # times (s) of the shot cuts found
     kept: list = field(default_factory=list)  # (frame name, crops, probabilities), see keep_every
 
     @property
@@ -239,12 +274,15 @@ def open_preview():
         return None
 
 
-def face_boxes(tracker, detector, grey, frame, detect_every=DETECT_EVERY):
+def face_boxes(tracker, detector, grey, frame, detect_every=DETECT_EVERY, cut=False):
     """(track ids, boxes) in analysed frame number `frame`: detected on every `detect_every`-th
-    frame, carried by the tracker in between."""
-    if frame % detect_every == 0:
+    frame, carried by the tracker in between. At a shot `cut` every track ends and the frame is
+    searched afresh: no box is carried onto the new picture."""
+    if cut:
+        tracker.end_all()
+    if cut or frame % detect_every == 0:
         boxes = detector.detect(grey)
-        return tracker.update(boxes, frame), boxes
+        return tracker.update(boxes, frame, [look(grey, box) for box in boxes]), boxes
     return tracker.carry(frame, grey.shape[1], grey.shape[0])
 
 
@@ -317,10 +355,16 @@ def analyse_frames(cap, progress, predict_faces, out_dir, settings, detector, lo
         bar = stack.enter_context(tqdm(total=total, desc=progress.name, unit="frame", disable=progress.camera or None,
                                        file=sys.stderr, dynamic_ncols=True, leave=False))
         tracker, writer, size, second, clock = Tracker(), None, None, 0, time.perf_counter()
+        before = None  # the previous analysed frame's thumbnail
         for index, seconds, frame in read_frames(cap, settings.every, progress.camera, progress.fps):
             clock = lap(progress.timing, "read", clock)
             grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-            ids, boxes = face_boxes(tracker, detector, grey, progress.analysed, settings.detect_every)
+            now = thumbnail(grey)
+            cut = before is not None and float(np.abs(now - before).mean()) > CUT_CHANGE
+            before = now
+            if cut:
+                progress.cuts.append(round(seconds, 3))
+            ids, boxes = face_boxes(tracker, detector, grey, progress.analysed, settings.detect_every, cut)
             clock = lap(progress.timing, "detect", clock)
             crops = np.stack([crop_face(grey, box) for box in boxes]) if boxes else None
             probs = predict_faces(crops) if boxes else np.zeros((0, len(EMOTIONS)))
@@ -467,7 +511,7 @@ def finish_video(out_dir, progress, every):
                "camera": progress.camera, "fps": progress.fps, "every": every, "analysed_fps": 1 / interval,
                "frames_analysed": progress.analysed, "frames_announced": progress.announced or None,
                "last_frame": last[0] if last else None, "last_time_s": last[1] if last else None,
-               "stopped_early": progress.stopped, "interrupted": progress.interrupted,
+               "stopped_early": progress.stopped, "interrupted": progress.interrupted, "cuts_s": progress.cuts,
                "frames_per_s": progress.analysed / max(elapsed, 1e-9), "seconds": round(elapsed, 3),
                "time_share": {k: round(v / total, 4) for k, v in progress.timing.items()},
                "tracks": tracks, "files": {f: os.path.join(out_dir, f) for f in VIDEO_FILES}}

@@ -276,12 +276,13 @@ def test_cli_amp_computes_in_bf16_close_to_fp32(ckpts, tmp_path, monkeypatch, ca
         assert losses[True] != losses[False] and abs(losses[True] - losses[False]) < 0.02
 
 
-def test_default_output_folder_names_the_checkpoint():
+def test_default_output_folder_is_short_and_names_the_checkpoint():
     assert infer.default_output_dir(["checkpoint/run1/vgg2_0_2_best.pth"]) == os.path.join(
-        "outputs", "infer", "run1", "vgg2_0_2_best")
-    assert "ensemble" in infer.default_output_dir(["a/x.pth", "b/y.pth"])
+        "outputs", "run1_vgg2_0_2_best_test")
+    assert infer.default_output_dir(["a/x.pth", "b/y.pth"], split="val") == os.path.join("outputs", "ensemble_x+y_val")
     # each --images call gets its own folder, so no folder mixes two calls' files
-    assert os.path.basename(infer.default_output_dir(["a/x.pth"], images=True)).startswith("photos_")
+    photos = infer.default_output_dir(["a/x.pth"], "photos")
+    assert os.path.dirname(photos) == "outputs" and os.path.basename(photos).startswith("photos_")
 
 
 def test_photo_calls_started_in_the_same_second_keep_their_own_folders(ckpts, split, tmp_path,
@@ -293,7 +294,7 @@ def test_photo_calls_started_in_the_same_second_keep_their_own_folders(ckpts, sp
         code, stdout, err = run_cli(["-c", ckpts["a"], "--images", "face.png", "--no-detect",
                                      "--device", "cpu"], capsys)
         assert code == 0, err
-    base = tmp_path / infer.default_output_dir([ckpts["a"]])
+    base = tmp_path / "outputs"
     assert sorted(os.listdir(base)) == ["photos_then", "photos_then_2"]
     assert all(len(pd.read_csv(base / name / "faces.csv")) == 1 for name in os.listdir(base))
 
@@ -359,8 +360,10 @@ def test_astronaut_photo_gives_one_labelled_face(ckpts, astronaut_jpg, tmp_path,
     # From Python: the same face and probabilities, from the path or from the decoded picture.
     models = predict.load_models(ckpts["a"])
     image = cv2.imread(astronaut_jpg)
-    for source in (astronaut_jpg, image):
-        [face] = predict.detect_emotions(models, source)
+    from PIL import Image
+    rgb = np.ascontiguousarray(image[:, :, ::-1])
+    for source, colours in ((astronaut_jpg, "bgr"), (image, "bgr"), (rgb, "rgb"), (Image.fromarray(rgb), "bgr")):
+        [face] = predict.detect_emotions(models, source, colours=colours)  # a PIL image is always RGB
         assert face["box"] == tuple(int(row[k]) for k in "xywh")
         assert face["emotion"] == row["emotion"] and list(face["emotions"]) == list(utils.EMOTIONS)
         np.testing.assert_allclose(list(face["emotions"].values()),
@@ -631,7 +634,7 @@ def test_export_refuses_to_replace_the_checkpoint_it_reads(ckpts, tmp_path, caps
     before = source.read_bytes()
     other_spelling = tmp_path / "run" / ".." / "run" / "x_last.pth"
     code, _, err = run_cli(["-c", str(other_spelling), "--export", str(source)], capsys)
-    assert code == 2 and "would replace the checkpoint it reads" in err
+    assert code == 2 and "would replace the file it reads" in err
     assert source.read_bytes() == before
     code, _, err = run_cli(["-c", str(tmp_path / "missing.pth"), "--export", str(source)], capsys)
     assert code == 2 and "no checkpoint" in err and source.read_bytes() == before
@@ -666,5 +669,14 @@ def test_without_d_the_data_set_the_checkpoint_was_trained_on_is_used(tmp_path, 
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n"] == 21
     gone = save_checkpoint(tmp_path / "b.pth", random_model(0), dataset=str(tmp_path / "moved.csv"))
     code, stdout, err = run_cli(["-c", gone, "-o", str(tmp_path / "out2")], capsys)
-    assert code == 2 and f"was trained on {tmp_path / 'moved.csv'}, which is not there any more" in stdout
-    assert "data/fer2013.csv" in err
+    assert code == 2 and "nothing to do: pass --images PHOTO" in err and "data/fer2013.csv is not there" in err
+    # The bare command with the shipped model: the same advice, not a note about the file's past.
+    code, stdout, err = run_cli([], capsys)
+    assert code == 2 and "nothing to do: pass --images PHOTO" in err and "not there any more" not in stdout
+
+
+def test_a_photo_given_to_video_is_sent_to_images(tmp_path, capsys):
+    photo = tmp_path / "me.jpg"
+    cv2.imwrite(str(photo), np.zeros((64, 64, 3), np.uint8))
+    code, _, err = run_cli(["--video", str(photo), "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and "is a photo, not a video: pass photos with --images" in err

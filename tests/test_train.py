@@ -371,3 +371,38 @@ def test_a_validation_line_gives_the_epoch_time_and_what_is_left(tiny_csv, tmp_p
     lines = [line for line in out.splitlines() if line.startswith("epoch 1.00/2:")]
     assert len(lines) == 1 and " s/epoch, " in lines[0] and lines[0].endswith("min to go")
     assert "first training step" not in out  # no developer messages
+
+
+def test_a_taken_run_name_is_refused_before_any_download(tiny_csv, tmp_path, monkeypatch):
+    import models
+    fetched = []
+    monkeypatch.setattr(models, "imagenet_prefix_state", lambda: fetched.append(1) or {})
+    (tmp_path / "ckpt" / "r").mkdir(parents=True)
+    (tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth").write_bytes(b"an earlier run")
+    argv = [a if a != "no" else "auto" for a in run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2")]
+    with pytest.raises(UserError, match="already holds a run; resume it with"):
+        run.main(argv)
+    assert fetched == []
+
+
+def test_the_download_message_says_how_to_skip_it(tmp_path, monkeypatch, capsys):
+    import torchvision.models
+    import models
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torchvision.models.VGG11_BN_Weights, "get_state_dict",
+                        lambda self, progress=True: (_ for _ in ()).throw(OSError("offline")))
+    model, used = models.build_model("vgg2_0_2", "auto")
+    err = capsys.readouterr().err
+    assert not used and "downloading the VGG11-BN ImageNet weights" in err and "--pretrained no" in err
+
+
+def test_resuming_a_finished_run_says_how_to_go_on_and_tests_nothing_again(tiny_csv, tmp_path, capsys):
+    assert run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "1")) == 0
+    report_before = (tmp_path / "out" / "r" / "test" / "metrics.json").stat().st_mtime_ns
+    capsys.readouterr()
+    last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    assert run.main(["--checkpoint", str(last), "-o", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "already finished all its 1 epochs" in out and "--epoch_num N (more than 1)" in out
+    assert (tmp_path / "out" / "r" / "test" / "metrics.json").stat().st_mtime_ns == report_before
+    assert not (tmp_path / "out" / "r" / "test_2").exists()

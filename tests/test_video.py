@@ -308,3 +308,56 @@ def test_explain_on_video_maps_every_nth_frame_with_faces(ckpt, clip, tmp_path, 
 def test_video_flags_without_video_are_refused(ckpt, tmp_path, capsys):
     code, _, err = run_cli(["-c", ckpt, "--images", str(tmp_path), "--every", "5", "--show"], capsys)
     assert code == 2 and "--every, --show apply to --video only" in err
+
+
+# ----------------------------------------------------------------------------- shot cuts
+
+def two_shot_clip(path, frames_each=8):
+    """Two shots joined by a hard cut: the astronaut's head on a light gradient, then her mirrored,
+    darker head on a dark background, at nearly the same place (so position alone would carry the
+    track over). Returns the index of the first frame after the cut."""
+    import skimage.data
+    from tools.bench_video import HEAD
+    head = np.ascontiguousarray(skimage.data.astronaut()[HEAD[0]:HEAD[1], HEAD[2]:HEAD[3], ::-1])
+    light = np.full((240, 320, 3), 190, np.uint8)
+    dark = np.full((240, 320, 3), 30, np.uint8)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, SIZE)
+    for t in range(2 * frames_each):
+        if t < frames_each:
+            frame = light.copy()
+            frame[10:240, 60 + t:270 + t] = head
+        else:
+            frame = dark.copy()
+            frame[12:242 - 2, 64 + t:274 + t] = (head[:-2, ::-1] * 0.8).astype(np.uint8)
+        writer.write(frame)
+    writer.release()
+    return frames_each
+
+
+def test_a_hard_cut_ends_every_track(ckpt, tmp_path, capsys):
+    path = tmp_path / "cut.mp4"
+    first_after = two_shot_clip(path)
+    code, _, err = run_video([path, "--detect_every", "3"], ckpt, tmp_path / "out", capsys)
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "out" / "cut" / "frames.csv", keep_default_na=False)
+    faces_rows = table[table["emotion"] != "no face"]
+    before = set(faces_rows[faces_rows["frame"] < first_after]["track"])
+    after = set(faces_rows[faces_rows["frame"] >= first_after]["track"])
+    assert before and after and not before & after, (before, after)  # no track spans the cut
+    summary = json.loads((tmp_path / "out" / "cut" / "summary.json").read_text())
+    assert summary["cuts_s"] == [pytest.approx(first_after / FPS, abs=0.01)]
+
+
+def test_a_track_does_not_pass_to_a_face_that_looks_different_or_jumps_in_size():
+    grey = np.zeros((200, 200), np.uint8)
+    grey[20:80, 20:80] = np.tile(np.linspace(0, 255, 60, dtype=np.uint8), (60, 1))  # a left-to-right ramp
+    other = grey.copy()
+    other[20:80, 20:80] = other[20:80, 20:80].T  # the same box, a top-to-bottom ramp
+    tracker = video.Tracker()
+    box = (20, 20, 60, 60)
+    [first] = tracker.update([box], 0, [video.look(grey, box)])
+    assert tracker.update([box], 1, [video.look(grey, box)]) == [first]  # the same face goes on
+    assert tracker.update([box], 2, [video.look(other, box)]) != [first]  # another look: a new track
+    tracker = video.Tracker()
+    [first] = tracker.update([box], 0)
+    assert tracker.update([(10, 10, 100, 100)], 1) != [first]  # 1.7x larger: a new track
