@@ -160,7 +160,13 @@ def file_names(value):
 def export(path, destination):
     """An inference-only copy: the validated weights in fp16 and the run's description; to a
     destination ending in .onnx, an fp32 ONNX model with a dynamic batch (onnx_model.export)."""
+    if os.fspath(path).lower().endswith(".onnx"):
+        raise UserError(f"{path} is already an ONNX file; export from the .pth checkpoint")
     ckpt = load(path)
+    if os.path.exists(destination) and os.path.samefile(path, destination):
+        raise UserError(f"--export {destination} would replace the file it reads"
+                        + (" (and lose its training state)" if "train_state" in ckpt else "")
+                        + ": choose another file name")
     model = build_model(ckpt, source=path)  # refuse to export what could not be loaded
     if os.fspath(destination).lower().endswith(".onnx"):
         import onnx_model  # its packages are optional: needed only here

@@ -162,10 +162,10 @@ def warn(message):
 
 # ----------------------------------------------------------------------------- detectors
 
-def _haar_cascade():
+def _haar_cascade(file="haarcascade_frontalface_default.xml"):
     import cv2
     try:
-        path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
+        path = os.path.join(cv2.data.haarcascades, file)
     except AttributeError as err:
         raise UserError("this OpenCV has no bundled Haar cascades (OpenCV 5 dropped them); install "
                         "opencv-python-headless<5, or pass --no-detect for already-cropped "
@@ -183,29 +183,96 @@ def grey_of(image):
     return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
 
 
+def shrunk(grey, side):
+    """(`grey` at most `side` pixels across, the scale used): detectors search the small copy."""
+    import cv2
+    h, w = grey.shape
+    scale = min(1.0, side / max(h, w))
+    if scale == 1.0:
+        return grey, scale
+    return cv2.resize(grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA), scale
+
+
+def full_size(found, scale, width, height, min_face=0):
+    """Boxes (x, y, w, h) found on a copy at `scale`, in the full picture's pixels, clipped to
+    it, left to right; boxes narrower than `min_face` pixels are dropped."""
+    boxes = []
+    for x, y, bw, bh in found:
+        x0, y0 = max(0, int(round(x / scale))), max(0, int(round(y / scale)))
+        x1, y1 = min(width, int(round((x + bw) / scale))), min(height, int(round((y + bh) / scale)))
+        if x1 - x0 >= max(min_face, 1) and y1 > y0:
+            boxes.append((x0, y0, x1 - x0, y1 - y0))
+    return sorted(boxes)
+
+
 class HaarDetector:
     """OpenCV's frontal-face Haar cascade, shipped inside opencv-python(-headless) 4. The search
     runs on a copy at most `side` pixels across (fast on big photos); boxes are in the full
-    picture's pixels, left to right. Crops add FACE_MARGIN of the box on every side."""
+    picture's pixels, left to right. `strictness` is how many overlapping hits a face needs
+    (minNeighbors); faces narrower than `min_face` pixels are dropped. Crops add FACE_MARGIN."""
     margin = FACE_MARGIN
+    NEIGHBOURS = {"low": 3, "normal": 5, "high": 8}
 
-    def __init__(self, side=DETECT_SIDE):
-        self.cascade, self.side = _haar_cascade(), side
+    def __init__(self, side=DETECT_SIDE, min_face=0, strictness="normal"):
+        self.cascade, self.side, self.min_face = _haar_cascade(), side, min_face
+        self.neighbours = self.NEIGHBOURS[strictness]
+
+    def search(self, cascade, small, scale):
+        """(x, y, w, h) hits of one cascade on the small copy."""
+        least = max(24, int(self.min_face * scale))
+        found = cascade.detectMultiScale(small, scaleFactor=1.1, minNeighbors=self.neighbours,
+                                         minSize=(least, least))
+        return [tuple(map(int, box)) for box in found] if len(found) else []
 
     def detect(self, bgr_image):
-        import cv2
         grey = grey_of(bgr_image)
-        h, w = grey.shape
-        scale = min(1.0, self.side / max(h, w))
-        small = grey if scale == 1.0 else cv2.resize(
-            grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-        found = self.cascade.detectMultiScale(small, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
-        boxes = []
-        for x, y, bw, bh in (found if len(found) else []):
-            x0, y0 = int(round(x / scale)), int(round(y / scale))
-            x1, y1 = min(w, int(round((x + bw) / scale))), min(h, int(round((y + bh) / scale)))
-            boxes.append((x0, y0, x1 - x0, y1 - y0))
-        return sorted(boxes)
+        small, scale = shrunk(grey, self.side)
+        return full_size(self.search(self.cascade, small, scale), scale, grey.shape[1], grey.shape[0], self.min_face)
+
+
+class HaarProfileDetector(HaarDetector):
+    """HaarDetector plus OpenCV's profile-face cascade, on the picture and on its mirror image (the
+    cascade knows faces turned one way): faces in three-quarter view and profile too."""
+
+    def __init__(self, side=DETECT_SIDE, min_face=0, strictness="normal"):
+        super().__init__(side, min_face, strictness)
+        self.profile = _haar_cascade("haarcascade_profileface.xml")
+
+    def detect(self, bgr_image):
+        grey = grey_of(bgr_image)
+        small, scale = shrunk(grey, self.side)
+        found = self.search(self.cascade, small, scale)
+        width = small.shape[1]
+        turned = self.search(self.profile, small, scale) + [
+            (width - x - w, y, w, h) for x, y, w, h in self.search(self.profile, small[:, ::-1].copy(), scale)]
+        for box in turned:  # a profile hit on a face already found is the same face
+            if all(overlap(box, other) < 0.3 for other in found):
+                found.append(box)
+        return full_size(found, scale, grey.shape[1], grey.shape[0], self.min_face)
+
+
+class HogDetector:
+    """dlib's HOG face detector (a linear SVM on histograms of gradients; no model file): pip
+    install dlib-bin. It finds faces from about 80 pixels across on the copy it searches (at most
+    `side` pixels across), 40 with `upsample` 1 (about 4x slower). `strictness` moves its score
+    threshold; faces narrower than `min_face` pixels are dropped. Crops add FACE_MARGIN."""
+    margin = FACE_MARGIN
+    THRESHOLDS = {"low": -0.3, "normal": 0.0, "high": 0.5}
+
+    def __init__(self, side=DETECT_SIDE, min_face=0, strictness="normal", upsample=0):
+        try:
+            import dlib
+        except ImportError as err:
+            raise UserError("--detector hog needs dlib: pip install dlib-bin (or use --detector haar)") from err
+        self.hog, self.side, self.min_face, self.upsample = dlib.get_frontal_face_detector(), side, min_face, upsample
+        self.threshold = self.THRESHOLDS[strictness]
+
+    def detect(self, bgr_image):
+        grey = grey_of(bgr_image)
+        small, scale = shrunk(grey, self.side)
+        rects, _, _ = self.hog.run(np.ascontiguousarray(small), self.upsample, self.threshold)
+        found = [(r.left(), r.top(), r.width(), r.height()) for r in rects]
+        return full_size(found, scale, grey.shape[1], grey.shape[0], self.min_face)
 
 
 class WholePicture:
@@ -216,18 +283,28 @@ class WholePicture:
         return [(0, 0, bgr_image.shape[1], bgr_image.shape[0])]
 
 
-DETECTORS = {"haar": HaarDetector}
+def overlap(a, b):
+    """Intersection over union of two (x, y, w, h) boxes."""
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    inter = max(0, min(ax + aw, bx + bw) - max(ax, bx)) * max(0, min(ay + ah, by + bh) - max(ay, by))
+    return inter / (aw * ah + bw * bh - inter) if inter else 0.0
+
+
+DETECTORS = {"haar": HaarDetector, "haar_profile": HaarProfileDetector, "hog": HogDetector}
 _per_thread = threading.local()
 
 
-def face_detector(name="haar", side=DETECT_SIDE):
-    """The detector `name` searching at most `side` pixels across, made once per thread and
-    setting: loading a cascade takes ~80 ms (predict.detect_emotions may run for every frame),
-    and an OpenCV CascadeClassifier must not be shared between threads."""
+def face_detector(name="haar", side=DETECT_SIDE, **settings):
+    """The detector `name` (DETECTORS) searching at most `side` pixels across, with its
+    `settings` (min_face, strictness), made once per thread and setting: loading a cascade takes
+    ~80 ms (predict.detect_emotions may run for every frame), and an OpenCV CascadeClassifier
+    must not be shared between threads."""
     made = _per_thread.__dict__.setdefault("detectors", {})
-    if (name, side) not in made:
-        made[name, side] = DETECTORS[name](side=side)
-    return made[name, side]
+    key = (name, side, *sorted(settings.items()))
+    if key not in made:
+        made[key] = DETECTORS[name](side=side, **settings)
+    return made[key]
 
 
 def find_faces(image, detector):

@@ -25,13 +25,14 @@ import torch
 import checkpoint
 import dataset
 import explain
+import faces
 import onnx_model
 import photos
 import predict
 import report
 import video
 from utils import (DEFAULT_CSV, EMOTIONS, SPLITS, Parser, UserError, autocast_dtype, check_writable,
-                   device_flags, flag, new_folder, one_of, run_cli, select_device)
+                   device_flags, emotion_index, flag, new_folder, run_cli, select_device)
 
 
 def default_output_dir(paths, kind="report", split="test"):
@@ -46,12 +47,6 @@ def default_output_dir(paths, kind="report", split="test"):
     else:
         name = "ensemble_" + "+".join(stems)[:120]
     return os.path.join("outputs", f"{name}_{split}")
-
-
-def emotion(value):
-    """An argparse type: an emotion name in any case, with the closest name suggested on a typo."""
-    by_lower = {name.lower(): name for name in EMOTIONS}
-    return EMOTIONS.index(by_lower.get(value.lower()) or one_of(EMOTIONS, "emotion")(value))
 
 
 def get_args_parser():
@@ -89,6 +84,12 @@ def get_args_parser():
          help="photos or folders of photos to classify (every format OpenCV reads)")
     flag(g, "--no_detect", dest="detect", action="store_false",
          help="with --images: each image is one already-cropped face (no face detection)")
+    flag(g, "--detector", choices=tuple(faces.DETECTORS), default="haar",
+         help="face detector: haar (OpenCV), haar_profile (+ turned faces), hog (dlib; pip install "
+              "dlib-bin); README 'Finding faces' compares them (default: haar)")
+    flag(g, "--min_face", type=int, default=0, metavar="PIXELS", help="ignore faces narrower than this")
+    flag(g, "--strictness", choices=("low", "normal", "high"), default="normal",
+         help="how sure the detector must be: high finds fewer false faces and misses more real ones")
     flag(g, "--video", nargs="+", metavar="PATH|INDEX",
          help="video files, folders of videos, or camera numbers (0: the first camera, until "
               "Ctrl-C): per-frame emotions of tracked faces, an annotated video, a timeline")
@@ -114,7 +115,7 @@ def get_args_parser():
     flag(g, "--explain_every", type=int, default=25, metavar="N",
          help="with --explain and --video: maps for the faces of every N-th analysed frame that has "
               "faces, in <video folder>/cams/frame<index>_face<j>_cam.png (default: 25)")
-    flag(g, "--explain_class", type=emotion, metavar="EMOTION",
+    flag(g, "--explain_class", type=emotion_index, metavar="EMOTION",
          help=f"with --explain (implied): explain this class instead of the predicted one "
               f"({', '.join(EMOTIONS)})")
 
@@ -152,15 +153,8 @@ def check_flags(parser, args):
 
 def export(source, target):
     """--export: an inference-only copy of one checkpoint (fp16 .pth, or .onnx)."""
-    if onnx_model.is_onnx(source):
-        raise UserError(f"{source} is already an ONNX file; export from the .pth checkpoint")
-    if os.path.exists(target) and os.path.exists(source) and os.path.samefile(source, target):
-        training = "train_state" in checkpoint.load(source)
-        raise UserError(f"--export {target} would replace the file it reads"
-                        + (" (and lose its training state)" if training else "") + ": choose another file name")
     size = os.path.getsize(checkpoint.export(source, target)) / 2**20
-    kind = (f"ONNX, opset {onnx_model.OPSET}, fp32, dynamic batch" if onnx_model.is_onnx(target)
-            else "fp16 PyTorch")
+    kind = f"ONNX, opset {onnx_model.OPSET}, fp32, dynamic batch" if onnx_model.is_onnx(target) else "fp16 PyTorch"
     print(f"wrote {target} ({size:.1f} MiB, {kind})")
 
 
@@ -177,11 +171,15 @@ def report_split(models, args, paths, out_dir, explaining):
               + (" and explain_grid.png" if cams else ""))
 
 
+def detector(args, side=faces.DETECT_SIDE):
+    return faces.face_detector(args.detector, side, min_face=args.min_face, strictness=args.strictness)
+
+
 def classify_photos(models, args, out_dir, explaining):
     """--images: annotated copies, faces.csv and faces.json, and Grad-CAM maps with --explain."""
     result = photos.classify_photos(
-        args.images, lambda faces: predict.predict(models, faces, args.tta, args.batch_size, args.device),
-        out_dir, args.detect, keep_crops=explaining)
+        args.images, lambda crops: predict.predict(models, crops, args.tta, args.batch_size, args.device),
+        out_dir, detector(args) if args.detect else faces.WholePicture(), keep_crops=explaining)
     if explaining:
         annotated = result["annotated_dir"]
         found = [(os.path.relpath(target, annotated), crops, probs) for target, crops, probs in result["crops"]]
@@ -197,8 +195,8 @@ def classify_videos(models, args, out_dir, explaining):
     settings = video.VideoSettings(args.every, args.detect_every, args.smooth, args.show,
                                    keep_every=args.explain_every if explaining else 0)
     summaries = video.classify_videos(
-        args.video, lambda faces: predict.predict(models, faces, args.tta, args.batch_size, args.device),
-        out_dir, settings)
+        args.video, lambda crops: predict.predict(models, crops, args.tta, args.batch_size, args.device),
+        out_dir, settings, detector(args, video.VIDEO_DETECT_SIDE))
     for summary in summaries if explaining else ():
         folder = summary["folder"]
         explain.report_maps(*explain.explain_found_faces(models, summary["kept"], folder, args.explain_class,

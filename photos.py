@@ -75,20 +75,22 @@ class Results:
     processed: int = 0
 
 
-def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print, keep_crops=False):
+def classify_photos(inputs, predict_faces, out_dir, detector=None, log=print, keep_crops=False):
     """Find, crop and classify the faces in photos (files or folders); write annotated copies
     under out_dir/annotated/ and faces.csv / faces.json (boxes x, y, w, h in the pixels of the
     file; a photo without a face gets one row with emotion 'no face'). The faces of up to
     PHOTO_BATCH photos are classified in one batch. Unusable inputs are named in a warning and
     skipped.
 
-    `predict_faces(faces)` maps uint8 faces (N, 48, 48) to probabilities (N, 7).
+    `predict_faces(faces)` maps uint8 faces (N, 48, 48) to probabilities (N, 7); `detector` finds
+    the faces (faces.DETECTORS; default Haar; faces.WholePicture() for already-cropped faces).
     Returns {"processed": n, "skipped": [{file, reason}], "faces": [...], csv, json, ...}, and with
     `keep_crops` "crops": [(annotated copy's path, its face crops, their probabilities)] (for
     Grad-CAM maps); raises UserError when not a single image could be processed."""
     from tqdm import tqdm
     entries, skipped = usable_inputs(inputs)
-    detector = face_detector() if detect else WholePicture()
+    detector = detector or face_detector()
+    detect = not isinstance(detector, WholePicture)
     results, pending, pixels = Results(out_dir, keep_crops), [], 0
     for path, name in tqdm(entries, desc="photos", unit="image", disable=len(entries) < 2,
                            file=sys.stderr, dynamic_ncols=True):

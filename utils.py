@@ -70,6 +70,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def emotion_index(value):
+    """An argparse type: an emotion name in any case -> its index, with the closest name
+    suggested on a typo."""
+    by_lower = {name.lower(): name for name in EMOTIONS}
+    return EMOTIONS.index(by_lower.get(value.lower()) or one_of(EMOTIONS, "emotion")(value))
+
+
 def flag(group, *names, **kwargs):
     """group.add_argument with a `-` spelling added for every `_` one, and the other way round."""
     spellings = []

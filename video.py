@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from faces import (EARLIER_OUTPUT, EMOTION_COLOURS, IMAGE_EXTENSIONS, Skipped, annotate, crop_face,
-                   face_detector, walk_inputs, warn)
+                   face_detector, overlap, walk_inputs, warn)
 from utils import EMOTIONS, UserError, save_figure, save_json
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv",
@@ -94,13 +94,6 @@ def open_video(source):
     return cap, fps, count
 
 
-def iou(a, b):
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    inter = max(0, min(ax + aw, bx + bw) - max(ax, bx)) * max(0, min(ay + ah, by + bh) - max(ay, by))
-    return inter / (aw * ah + bw * bh - inter) if inter else 0.0
-
-
 class Tracker:
     """Gives each face a track id that it keeps from frame to frame.
 
@@ -133,13 +126,13 @@ class Tracker:
         for tid, track in self.tracks.items():
             tx, ty, tw, th = self._at(track, frame)
             for j, (x, y, w, h) in enumerate(boxes):
-                overlap = iou((tx, ty, tw, th), (x, y, w, h))
+                iou = overlap((tx, ty, tw, th), (x, y, w, h))
                 dist = math.hypot(tx + tw / 2 - x - w / 2, ty + th / 2 - y - h / 2)
-                near = overlap >= 0.3 or dist <= 0.75 * max(tw, w)
+                near = iou >= 0.3 or dist <= 0.75 * max(tw, w)
                 same = (max(w / max(tw, 1), tw / max(w, 1)) <= MAX_SIZE_JUMP
                         and likeness(track.get("look"), looks[j]) >= MIN_LIKENESS)
                 if near and same:
-                    pairs.append((-overlap, dist, tid, j))
+                    pairs.append((-iou, dist, tid, j))
         ids, taken = [None] * len(boxes), set()
         for _, _, tid, j in sorted(pairs):
             if ids[j] is None and tid not in taken:
@@ -519,7 +512,7 @@ def finish_video(out_dir, progress, every):
     return summary
 
 
-def classify_videos(inputs, predict_faces, out_dir, settings=None, log=print):
+def classify_videos(inputs, predict_faces, out_dir, settings=None, detector=None, log=print):
     """classify_video for each video file (folders: their videos) or camera index in `inputs`,
     each into out_dir/<video name>/. A video that cannot be used is named in one warning line and
     the others are still processed. Returns the summaries (each with its "folder"); raises
@@ -528,7 +521,7 @@ def classify_videos(inputs, predict_faces, out_dir, settings=None, log=print):
     sources, skipped = find_videos(inputs)
     for path, reason in skipped:
         warn(f"{path} {reason}; skipped")
-    detector = face_detector(side=VIDEO_DETECT_SIDE)
+    detector = detector or face_detector(side=VIDEO_DETECT_SIDE)
     summaries, used = [], set()
     for source, name in sources:
         folder = name

@@ -1,10 +1,13 @@
 """infer.py: split reports, TTA, ensembles, own photos, and bad inputs (all on made-up data)."""
 import glob
+import importlib.util
 import json
 import os
 import resource
 import shutil
 import struct
+import sys
+import threading
 import zlib
 
 import cv2
@@ -14,7 +17,6 @@ import pytest
 import torch
 
 import infer
-import photos
 import synthetic
 import checkpoint
 import utils
@@ -680,3 +682,26 @@ def test_a_photo_given_to_video_is_sent_to_images(tmp_path, capsys):
     cv2.imwrite(str(photo), np.zeros((64, 64, 3), np.uint8))
     code, _, err = run_cli(["--video", str(photo), "-o", str(tmp_path / "out")], capsys)
     assert code == 2 and "is a photo, not a video: pass photos with --images" in err
+
+
+@pytest.mark.parametrize("flags, faces_found", [
+    ([], 1), (["--min_face", "200"], 0), (["--strictness", "high"], 1), (["--detector", "haar_profile"], 1),
+    pytest.param(["--detector", "hog"], 1, marks=pytest.mark.skipif(
+        importlib.util.find_spec("dlib") is None, reason="dlib (pip install dlib-bin) is not installed"))])
+def test_detector_settings_on_a_real_photo(ckpts, astronaut_jpg, tmp_path, capsys, flags, faces_found):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["-c", ckpts["a"], "--images", astronaut_jpg, "-o", str(out), "--device", "cpu", *flags],
+                           capsys)
+    assert code == 0, err
+    table = pd.read_csv(out / "faces.csv")
+    found = table[table["emotion"] != "no face"]
+    her_face = found[(found["x"].between(150, 200)) & (found["y"].between(50, 100))]
+    assert len(her_face) == faces_found  # (hog also takes a patch of her suit for a face)
+
+
+def test_the_hog_detector_without_dlib_is_one_clear_error(ckpts, astronaut_jpg, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dlib", None)  # import dlib now fails
+    monkeypatch.setattr(faces, "_per_thread", threading.local())
+    code, _, err = run_cli(["-c", ckpts["a"], "--images", astronaut_jpg, "-o", str(tmp_path / "o"),
+                            "--detector", "hog"], capsys)
+    assert code == 2 and "pip install dlib-bin" in err

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import photos
 import utils
 import faces
 import video
@@ -66,7 +65,7 @@ def test_clip_gives_rows_times_one_track_video_timeline_and_summary(ckpt, clip, 
     assert (table[table["emotion"] == "no face"]["track"] == "").all()
     assert faces["track"].nunique() == 1  # the face keeps its id
     for (_, row), boxes in zip(faces.iterrows(), [b for b in truth if b]):
-        assert video.iou([int(row[k]) for k in "xywh"], boxes[0]) > 0.5
+        assert faces.overlap([int(row[k]) for k in "xywh"], boxes[0]) > 0.5
     probs = faces[[f"p_{n}" for n in utils.EMOTIONS]].astype(float).to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
     assert list(faces["emotion"]) == [utils.EMOTIONS[i] for i in probs.argmax(1)]

@@ -84,7 +84,7 @@ def matched(found, wanted, threshold=0.5):
     """How many of the `wanted` boxes have a `found` box with IoU >= threshold (one each)."""
     left, n = list(found), 0
     for box in wanted:
-        scores = [video.iou(box, f) for f in left]
+        scores = [faces.overlap(box, f) for f in left]
         if scores and max(scores) >= threshold:
             left.pop(int(np.argmax(scores)))
             n += 1
