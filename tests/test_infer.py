@@ -340,13 +340,16 @@ def test_shipped_model_sees_the_smiling_astronaut_as_happy(astronaut_jpg, tmp_pa
         assert list(table["emotion"]) == ["Happy"] and table["confidence"][0] > 0.5
 
 
-def test_photos_without_checkpoint_use_the_shipped_default(astronaut_jpg, tmp_path, capsys):
-    """`infer.py --images photo.jpg` needs no --checkpoint: the best shipped model (<= 25 MB)."""
+def test_the_quick_start_photo_with_the_shipped_default(tmp_path, capsys):
+    """README's quick start, `infer.py --images samples/astronaut.jpg`: no --checkpoint (the best
+    shipped model, <= 25 MB), no download, and a line for the face in the terminal."""
     assert os.path.getsize(predict.DEFAULT_CHECKPOINT) <= 25e6
-    code, stdout, err = run_cli(["--images", astronaut_jpg, "-o", str(tmp_path / "out")], capsys)
+    sample = os.path.join(os.path.dirname(predict.DEFAULT_CHECKPOINT), "..", "samples", "astronaut.jpg")
+    code, stdout, err = run_cli(["--images", sample, "-o", str(tmp_path / "out")], capsys)
     assert code == 0, err
     assert "fer2013_vgg2_4_2_conv5.pth" in stdout and "vgg2_4_2_conv5" in stdout
     assert list(pd.read_csv(tmp_path / "out" / "faces.csv")["emotion"]) == ["Happy"]
+    assert "astronaut.jpg face 0: Happy" in stdout
 
 
 def test_astronaut_photo_gives_one_labelled_face(ckpts, astronaut_jpg, tmp_path, capsys):
