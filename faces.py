@@ -340,7 +340,8 @@ EMOTION_COLOURS = {"Angry": (40, 40, 220), "Disgust": (40, 150, 40), "Fear": (17
                    "Happy": (0, 210, 255), "Sad": (200, 120, 30), "Surprise": (0, 140, 255),
                    "Neutral": (170, 170, 170)}
 
-FONT_SCALE_MIN = 0.35  # labels are shrunk down to this to fit their box's width, then shortened
+FONT_SCALE_MIN = 0.35  # labels are shrunk down to this to fit their width, then shortened
+MIN_LABEL_WIDTH = 110  # pixels: a label is at least this wide, so "Surprise 87%" stays readable
 
 def text_colour(bgr):
     """Black on light colours, white on dark ones."""
@@ -418,8 +419,9 @@ def draw_legend(image, boxes):
 def annotate(image, faces, legend=True):
     """Draw each face [(box, emotion, confidence) or (box, emotion, confidence, track id)] on a BGR
     image in place: a box in the emotion's colour and a label '#id Emotion 87%' in the same colour
-    (see place_labels: labels never overlap and stay above, below or inside their own box's
-    column), plus a colour legend; an image without faces gets a 'no face found' note."""
+    (see place_labels: labels never overlap and stay above, below or inside their own column,
+    at least MIN_LABEL_WIDTH wide), plus a colour legend; an image without faces gets a 'no face
+    found' note."""
     import cv2
     font = cv2.FONT_HERSHEY_SIMPLEX
     height, width = image.shape[:2]
@@ -430,23 +432,27 @@ def annotate(image, faces, legend=True):
         cv2.rectangle(image, (0, 0), (tw + 8, th + base + 8), (255, 255, 255), -1)
         cv2.putText(image, "no face found", (4, th + 4), font, scale, (0, 0, 200), thick, cv2.LINE_AA)
         return image
-    boxes, labels = [], []
+    boxes, spans, labels = [], [], []
     for box, emotion, confidence, *track in faces:
         x, y, w, h = (int(v) for v in box)
         thick = max(1, round(max(w, h) / 100))
         tag = f"#{track[0]} " if track else ""
         texts = (f"{tag}{emotion} {confidence:.0%}", f"{tag}{emotion}", f"{tag}{emotion[:3]}",
-                 emotion, emotion[:3])  # the first that fits the box's width
+                 emotion, emotion[:3])  # the first that fits the label's width
+        fit = fit_label(texts, min(width, max(w, MIN_LABEL_WIDTH)), max(0.4, min(3.0, w / 160)),
+                        max(1, thick // 2))
         boxes.append((x, y, w, h))
-        labels.append((emotion, thick, fit_label(texts, w, max(0.4, min(3.0, w / 160)),
-                                                 max(1, thick // 2))))
+        # A small face's label may be wider than its box (readable, with its percentage): it
+        # starts at the box's left edge, moved left where it would leave the picture.
+        spans.append((x if fit is None else max(0, min(x, width - fit[2])), y, w, h))
+        labels.append((emotion, thick, fit))
     if legend:
         draw_legend(image, boxes)
-    tops = place_labels(boxes, [None if fit is None else fit[2:4] for _, _, fit in labels], height)
+    tops = place_labels(spans, [None if fit is None else fit[2:4] for _, _, fit in labels], height)
     for (x, y, w, h), (emotion, thick, _) in zip(boxes, labels):  # all boxes under all labels
         cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1),
                       EMOTION_COLOURS.get(emotion, (0, 200, 0)), thick)
-    for (x, y, w, h), (emotion, thick, fit), top in zip(boxes, labels, tops):
+    for (x, _, _, _), (emotion, thick, fit), top in zip(spans, labels, tops):
         if top is None:
             continue
         colour = EMOTION_COLOURS.get(emotion, (0, 200, 0))

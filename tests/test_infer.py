@@ -522,14 +522,18 @@ def test_stacked_faces_get_labels_that_never_overlap_or_leave_their_column():
     for i, a in enumerate(rects):
         for b in rects[i + 1:]:
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
-    # Through annotate: labels shrink or shorten to their box's width; boxes in the emotion's colour.
+    # Through annotate: boxes in the emotion's colour; a small face's label keeps its percentage.
     image = np.full((240, 480, 3), 255, np.uint8)
     labelled = [(box, utils.EMOTIONS[k % 7], 0.87, k) for k, box in enumerate(boxes[:6])]
     faces.annotate(image, labelled, legend=False)
     for (x, y, w, h), emotion, _, _ in labelled:
         assert tuple(image[y + h - 1, x + w // 2]) == faces.EMOTION_COLOURS[emotion]  # bottom edge
-        fit = faces.fit_label([f"#0 {emotion} 87%", emotion, emotion[:3]], w, 0.4, 1)
-        assert fit is not None and fit[2] <= w
+    fit = faces.fit_label(["#12 Surprise 87%"], faces.MIN_LABEL_WIDTH, 0.4, 1)
+    assert fit is not None and fit[0] == "#12 Surprise 87%"  # the longest label fits the least width
+    small = np.full((120, 160, 3), 255, np.uint8)
+    faces.annotate(small, [((140, 40, 20, 20), "Surprise", 0.87)], legend=False)  # at the right edge
+    label_rows = np.flatnonzero((small == faces.EMOTION_COLOURS["Surprise"]).all(2).sum(1) > 60)
+    assert len(label_rows) > 5  # a label wider than the 20-pixel face, moved left into the picture
     assert len(set(faces.EMOTION_COLOURS.values())) == 7
     legend = faces.draw_legend(np.zeros((480, 640, 3), np.uint8), [])
     assert legend[-10:, -10:].any() and not legend[:10, :10].any()  # bottom right by default
