@@ -24,6 +24,10 @@ MAX_PIXELS = 50_000_000  # larger photos: JPEGs are decoded at 1/2, 1/4 or 1/8 s
 MAX_FILE_BYTES = 1 << 30
 DETECT_SIDE = 1280  # faces are searched on a copy of the photo at most this many pixels across
 FACE_MARGIN = 0.1  # the crop adds this fraction of the detected box on every side
+# Measured on generated labelled scenes (tools/bench_detect.py, README "Finding faces"): for photos
+# Haar's "high" strictness kept the recall of "normal" with half the false faces; on the 400-pixel
+# copy of video frames it lost recall, and "normal" found no false faces there.
+PHOTO_STRICTNESS, VIDEO_STRICTNESS = "high", "normal"
 SKIPPED_SHOWN = 10  # per folder, files that are not images named one by one
 
 
@@ -253,13 +257,13 @@ class HaarProfileDetector(HaarDetector):
 
 class HogDetector:
     """dlib's HOG face detector (a linear SVM on histograms of gradients; no model file): pip
-    install dlib-bin. It finds faces from about 80 pixels across on the copy it searches (at most
-    `side` pixels across), 40 with `upsample` 1 (about 4x slower). `strictness` moves its score
+    install dlib-bin. It finds faces from about 40 pixels across on the copy it searches (at most
+    `side` pixels across) with `upsample` 1, the default; from 80 with 0 (about 3x faster). `strictness` moves its score
     threshold; faces narrower than `min_face` pixels are dropped. Crops add FACE_MARGIN."""
     margin = FACE_MARGIN
     THRESHOLDS = {"low": -0.3, "normal": 0.0, "high": 0.5}
 
-    def __init__(self, side=DETECT_SIDE, min_face=0, strictness="normal", upsample=0):
+    def __init__(self, side=DETECT_SIDE, min_face=0, strictness="normal", upsample=1):
         try:
             import dlib
         except ImportError as err:
@@ -295,15 +299,15 @@ DETECTORS = {"haar": HaarDetector, "haar_profile": HaarProfileDetector, "hog": H
 _per_thread = threading.local()
 
 
-def face_detector(name="haar", side=DETECT_SIDE, **settings):
+def face_detector(name="haar", side=DETECT_SIDE, strictness=PHOTO_STRICTNESS, **settings):
     """The detector `name` (DETECTORS) searching at most `side` pixels across, with its
     `settings` (min_face, strictness), made once per thread and setting: loading a cascade takes
     ~80 ms (predict.detect_emotions may run for every frame), and an OpenCV CascadeClassifier
     must not be shared between threads."""
     made = _per_thread.__dict__.setdefault("detectors", {})
-    key = (name, side, *sorted(settings.items()))
+    key = (name, side, strictness, *sorted(settings.items()))
     if key not in made:
-        made[key] = DETECTORS[name](side=side, **settings)
+        made[key] = DETECTORS[name](side=side, strictness=strictness, **settings)
     return made[key]
 
 

@@ -88,8 +88,9 @@ def get_args_parser():
          help="face detector: haar (OpenCV), haar_profile (+ turned faces), hog (dlib; pip install "
               "dlib-bin); README 'Finding faces' compares them (default: haar)")
     flag(g, "--min_face", type=int, default=0, metavar="PIXELS", help="ignore faces narrower than this")
-    flag(g, "--strictness", choices=("low", "normal", "high"), default="normal",
-         help="how sure the detector must be: high finds fewer false faces and misses more real ones")
+    flag(g, "--strictness", choices=("low", "normal", "high"), default=None,
+         help=f"how sure the detector must be: high finds fewer false faces, low more real ones "
+              f"(default: {faces.PHOTO_STRICTNESS} for photos, {faces.VIDEO_STRICTNESS} for video frames)")
     flag(g, "--video", nargs="+", metavar="PATH|INDEX",
          help="video files, folders of videos, or camera numbers (0: the first camera, until "
               "Ctrl-C): per-frame emotions of tracked faces, an annotated video, a timeline")
@@ -171,8 +172,8 @@ def report_split(models, args, paths, out_dir, explaining):
               + (" and explain_grid.png" if cams else ""))
 
 
-def detector(args, side=faces.DETECT_SIDE):
-    return faces.face_detector(args.detector, side, min_face=args.min_face, strictness=args.strictness)
+def detector(args, side=faces.DETECT_SIDE, strictness=faces.PHOTO_STRICTNESS):
+    return faces.face_detector(args.detector, side, args.strictness or strictness, min_face=args.min_face)
 
 
 def classify_photos(models, args, out_dir, explaining):
@@ -196,7 +197,7 @@ def classify_videos(models, args, out_dir, explaining):
                                    keep_every=args.explain_every if explaining else 0)
     summaries = video.classify_videos(
         args.video, lambda crops: predict.predict(models, crops, args.tta, args.batch_size, args.device),
-        out_dir, settings, detector(args, video.VIDEO_DETECT_SIDE))
+        out_dir, settings, detector(args, video.VIDEO_DETECT_SIDE, faces.VIDEO_STRICTNESS))
     for summary in summaries if explaining else ():
         folder = summary["folder"]
         explain.report_maps(*explain.explain_found_faces(models, summary["kept"], folder, args.explain_class,

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from faces import (EARLIER_OUTPUT, EMOTION_COLOURS, IMAGE_EXTENSIONS, Skipped, annotate, crop_face,
-                   face_detector, overlap, walk_inputs, warn)
+from faces import (EARLIER_OUTPUT, EMOTION_COLOURS, IMAGE_EXTENSIONS, VIDEO_STRICTNESS, Skipped, annotate,
+                   crop_face, face_detector, overlap, walk_inputs, warn)
 from utils import EMOTIONS, UserError, save_figure, save_json
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv",
@@ -292,7 +292,7 @@ def classify_video(source, name, predict_faces, out_dir, settings=None, detector
     "kept": the crops kept for Grad-CAM, see VideoSettings.keep_every); raises Skipped when the
     source cannot be opened, holds no frame or out_dir cannot be written."""
     settings = settings or VideoSettings()
-    detector = detector or face_detector(side=VIDEO_DETECT_SIDE)
+    detector = detector or face_detector(side=VIDEO_DETECT_SIDE, strictness=VIDEO_STRICTNESS)
     cap, fps, announced = open_video(source)
     progress = Progress(source, name, fps, announced)
     try:
@@ -521,7 +521,7 @@ def classify_videos(inputs, predict_faces, out_dir, settings=None, detector=None
     sources, skipped = find_videos(inputs)
     for path, reason in skipped:
         warn(f"{path} {reason}; skipped")
-    detector = detector or face_detector(side=VIDEO_DETECT_SIDE)
+    detector = detector or face_detector(side=VIDEO_DETECT_SIDE, strictness=VIDEO_STRICTNESS)
     summaries, used = [], set()
     for source, name in sources:
         folder = name

@@ -65,7 +65,7 @@ def test_clip_gives_rows_times_one_track_video_timeline_and_summary(ckpt, clip, 
     assert (table[table["emotion"] == "no face"]["track"] == "").all()
     assert faces["track"].nunique() == 1  # the face keeps its id
     for (_, row), boxes in zip(faces.iterrows(), [b for b in truth if b]):
-        assert faces.overlap([int(row[k]) for k in "xywh"], boxes[0]) > 0.5
+        assert video.overlap([int(row[k]) for k in "xywh"], boxes[0]) > 0.5
     probs = faces[[f"p_{n}" for n in utils.EMOTIONS]].astype(float).to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
     assert list(faces["emotion"]) == [utils.EMOTIONS[i] for i in probs.argmax(1)]

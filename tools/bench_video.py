@@ -98,7 +98,7 @@ def detection_recall(frames, truth, settings):
     greys = [cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in frames]
     out, reference = [], None
     for side, every in settings:
-        detector = faces.face_detector(side=side)
+        detector = faces.face_detector(side=side, strictness=faces.VIDEO_STRICTNESS)
         tracker, boxes_per_frame, ids = video.Tracker(), [], set()
         start = time.perf_counter()
         for k, grey in enumerate(greys):
@@ -160,7 +160,7 @@ def bench_video(checkpoint=None, model="vgg2_4_2_conv3", frames=150, faces=(1, 2
             summary = video.classify_video(clip, f"clip_{n}face", predict_faces,
                                            os.path.join(folder, f"out_{n}face"),
                                            video.VideoSettings(every, detect_every),
-                                           faces.face_detector(side=detect_side), log=lambda *a: None)
+                                           faces.face_detector(side=detect_side, strictness=faces.VIDEO_STRICTNESS), log=lambda *a: None)
             faces_found = sum(t["frames"] for t in summary["tracks"])
             result["runs"].append({"faces": n, "frames_per_s": round(summary["frames_per_s"], 2),
                                    "time_share": summary["time_share"],
