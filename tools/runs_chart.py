@@ -31,7 +31,8 @@ def run_summary(path):
         "epochs_validated": state.history[-1]["epoch"] if state.history else 0,
         "seconds": round(state.elapsed), "ema_decay": args.get("ema_decay", 0.0),
         "best_publictest_acc": best and best["val_acc"], "best_epoch": best and best["epoch"],
-        "history": state.history}
+        "teachers": [os.path.basename(t) for t in args.get("teacher") or []],
+        "seed": args.get("seed"), "history": state.history}
 
 
 def read_history_json(path):
@@ -67,7 +68,9 @@ def main(argv):
     for run, _ in runs:
         history = run["history"]
         epochs = [h["epoch"] for h in history]
-        label = f"{run.get('model', '?')} ({run.get('epochs_planned', '?')} epochs planned)"
+        label = (f"{run.get('model', '?')} ({run.get('epochs_planned', '?')} epochs planned"
+                 + (f", seed {run['seed']}" if run.get("seed") else "")
+                 + (f", distilled from {len(run['teachers'])}" if run.get("teachers") else "") + ")")
         line, = ax.plot(epochs, [100 * h["val_acc"] for h in history], label=label)
         if any("val_acc_raw" in h for h in history):
             ax.plot(epochs, [100 * h.get("val_acc_raw", float("nan")) for h in history], "--",
