@@ -50,17 +50,24 @@ MAX_FILE_MB = 100  # uploads above this are refused by the server before they ar
 KEEP_S = 3600  # a request's files (uploads, results) are deleted after an hour
 CHART_FACES = 4  # the bar chart shows this many faces at most (the table has them all)
 CAMERA_EVERY_S = 0.1  # the browser sends a camera frame at most this often
+# The tables on the page: faces.csv's columns but the file names; the video's per-track summary.
+FACE_COLUMNS = ["face", "x", "y", "w", "h", "emotion", "confidence", *(f"p_{n}" for n in EMOTIONS)]
+TRACK_COLUMNS = ["track", "frames", "on screen (s)", "first (s)", "last (s)", "mostly", *EMOTIONS]
 
 
 @dataclass
 class Page:
     """What every request shares: the models (loaded once), a lock so that one request at a time
     uses them (Grad-CAM hooks a layer: a forward pass of another request would feed it), and the
-    folder for the results."""
+    temporary folder of the uploads (Gradio's) and of the results (`folder`)."""
     models: list
     device: object
-    folder: str
+    root: str
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def folder(self):
+        return os.path.join(self.root, "results")
 
     @property
     def explainable(self):
@@ -98,14 +105,13 @@ def photo(page, path, gradcam=False):
     `infer.py --images` draws it, and the same faces.csv. Returns (annotated picture, faces
     table, bar chart, faces.csv, message); a file that is not a usable picture gives only the
     message."""
-    import pandas as pd
     if path is None:
-        return None, None, None, None, "Drop a photo above, paste one, or take one with the camera."
+        return None, table(FACE_COLUMNS), None, None, "Drop a photo above, paste one, or take one."
     name = os.path.basename(path)
     try:
         image, factor, note = read_image(path)
     except Skipped as why:
-        return None, None, None, None, f"**{name}** {why}."
+        return None, table(FACE_COLUMNS), None, None, f"**{name}** {why}."
     faces = page.faces(image)
     boxes = [f["box"] for f in faces]
     probs = np.array([[f["emotions"][n] for n in EMOTIONS] for f in faces]).reshape(-1, len(EMOTIONS))
@@ -116,16 +122,20 @@ def photo(page, path, gradcam=False):
     write_image(annotated, annotate(image, [(f["box"], f["emotion"], f["confidence"]) for f in faces]))
     rows = photo_rows(name, boxes, probs, factor, EMOTIONS, os.path.basename(annotated))
     write_faces_table(rows, EMOTIONS, folder)
-    table = pd.DataFrame([r for r in rows if r["face"] is not None],
-                         columns=[c for c in rows[0] if c not in ("file", "annotated")])
     said = "; ".join(f"face {j}: {f['emotion']} {f['confidence']:.0%}" for j, f in enumerate(faces))
     message = f"**{name}**: " + (f"{len(faces)} face(s): {said}." if faces else "no face found.")
     if note:
         message += f" (The picture {note}.)"
     if gradcam and faces and not page.explainable:
         message += " Grad-CAM needs .pth checkpoints (ONNX files have no gradients)."
-    return (annotated, table.style.format(precision=3), bar_chart(faces),
-            os.path.join(folder, "faces.csv"), message)
+    return (annotated, table(FACE_COLUMNS, [r for r in rows if r["face"] is not None]),
+            bar_chart(faces), os.path.join(folder, "faces.csv"), message)
+
+
+def table(columns, rows=()):
+    """A table for the page: the values exact (API callers get them), shown to 3 decimals."""
+    import pandas as pd
+    return pd.DataFrame(list(rows), columns=columns).style.format(precision=3)
 
 
 def paint_cams(image, boxes, cams):
@@ -179,22 +189,17 @@ def video(page, path):
     """The Video tab: one file through photos.classify_video, as `infer.py --video` runs it.
     Returns (annotated video the browser plays, timeline picture, per-track summary, frames.csv,
     annotated.mp4, message); an unusable file gives only the message."""
-    import pandas as pd
     if path is None:
-        return None, None, None, None, None, "Drop a video file above."
+        return None, None, table(TRACK_COLUMNS), None, None, "Drop a video file above."
     name = os.path.splitext(os.path.basename(path))[0]
     folder = page.new_folder()
     try:
         summary = classify_video(path, name, page.predict, folder, log=lambda message: None)
     except Skipped as why:
-        return None, None, None, None, None, f"**{os.path.basename(path)}** {why}."
+        return None, None, table(TRACK_COLUMNS), None, None, f"**{os.path.basename(path)}** {why}."
     files = summary["files"]
-    tracks = pd.DataFrame([{"track": t["track"], "frames": t["frames"],
-                            "on screen (s)": t["time_on_screen_s"], "first (s)": t["first_s"],
-                            "last (s)": t["last_s"], "mostly": t["dominant"], **t["emotions"]}
-                           for t in summary["tracks"]],
-                          columns=["track", "frames", "on screen (s)", "first (s)", "last (s)",
-                                   "mostly", *EMOTIONS])
+    tracks = [[t["track"], t["frames"], t["time_on_screen_s"], t["first_s"], t["last_s"], t["dominant"],
+               *(t["emotions"][n] for n in EMOTIONS)] for t in summary["tracks"]]
     message = (f"**{os.path.basename(path)}**: {summary['frames_analysed']} frames analysed "
                f"({summary['frames_per_s']:.1f}/s), ")
     if summary["tracks"]:
@@ -206,7 +211,7 @@ def video(page, path):
     if summary["stopped_early"]:
         message += f" The file {summary['stopped_early']}."
     return (browser_copy(files["annotated.mp4"]), files["timeline.png"],
-            tracks.style.format(precision=3), files["frames.csv"], files["annotated.mp4"], message)
+            table(TRACK_COLUMNS, tracks), files["frames.csv"], files["annotated.mp4"], message)
 
 
 def browser_copy(path):
@@ -261,7 +266,8 @@ def photo_tab(page):
                           interactive=page.explainable,
                           info=None if page.explainable else "needs .pth checkpoints, not ONNX")
     message = gr.Markdown(elem_id="photo_message")
-    table = gr.Dataframe(label="Faces (box in the file's pixels)", interactive=False, elem_id="faces")
+    faces = gr.Dataframe(table(FACE_COLUMNS), label="Faces (box in the file's pixels)",
+                         interactive=False, elem_id="faces")
     chart = gr.Image(label="Probabilities per face", interactive=False, format="png",
                      buttons=["download"])
     csv = gr.File(label="faces.csv (as infer.py --images writes it)")
@@ -270,25 +276,30 @@ def photo_tab(page):
     # gr.Image would decode the upload with PIL first and fail on a bad file with its own error;
     # Gradio still checks that the path is one of its uploads.
     gr.on([source.change, gradcam.change], run, [source, gradcam],
-          [picture, table, chart, csv, message], api_name="photo", preprocess=False)
+          [picture, faces, chart, csv, message], api_name="photo", preprocess=False)
 
 
 def video_tab(page):
     with gr.Row():
-        source = gr.Video(label="Video file", sources=["upload"], elem_id="video")
+        # A file, not gr.Video: browsers preview few codecs (not OpenCV's mp4v), and gr.Video
+        # calls every other one "not playable" although the tab reads it. Any file is tried, as
+        # `infer.py --video FILE` tries it (no extension list to pass first).
+        source = gr.File(label="Video file", elem_id="video")
         shown = gr.Video(label="Emotions per tracked face", interactive=False, buttons=["download"],
                          elem_id="video_out")
     message = gr.Markdown(elem_id="video_message")
     timeline = gr.Image(label="Timeline: probabilities per tracked face", interactive=False,
                         buttons=["download", "fullscreen"])
-    tracks = gr.Dataframe(label="Tracks (share of frames per emotion)", interactive=False)
+    tracks = gr.Dataframe(table(TRACK_COLUMNS), label="Tracks (share of frames per emotion)",
+                          interactive=False)
     with gr.Row():
         frames = gr.File(label="frames.csv (one row per face per frame)")
         mp4 = gr.File(label="annotated.mp4")
 
     def run(path, progress=gr.Progress(track_tqdm=True)):  # progress: classify_video's tqdm bar
         return video(page, path)
-    source.upload(run, source, [shown, timeline, tracks, frames, mp4, message], api_name="video")
+    source.upload(run, source, [shown, timeline, tracks, frames, mp4, message], api_name="video",
+                  show_progress_on=[shown])
 
 
 def camera_tab(page):
@@ -319,10 +330,9 @@ def build_page(page, about, max_file_mb=MAX_FILE_MB):
 
 def open_page(models, device, root):
     """The Page over loaded `models`, its uploads and results under `root` (a temporary folder)."""
-    root = os.path.abspath(root)
-    os.environ["GRADIO_TEMP_DIR"] = root  # uploads: read by Gradio when the components are made
-    os.environ["GRADIO_EXAMPLES_CACHE"] = os.path.join(root, "cache")  # else ./.gradio, served too
-    page = Page(models, device, os.path.join(root, "results"))
+    page = Page(models, device, os.path.abspath(root))
+    os.environ["GRADIO_TEMP_DIR"] = page.root  # uploads: read by Gradio when the components are made
+    os.environ["GRADIO_EXAMPLES_CACHE"] = os.path.join(page.root, "cache")  # else ./.gradio, served too
     os.makedirs(page.folder, exist_ok=True)
     return page
 
@@ -338,8 +348,8 @@ def serve(page, about="", host="127.0.0.1", port=7860, max_file_mb=MAX_FILE_MB, 
     blocked = {os.path.dirname(os.path.abspath(__file__)), *map(os.path.abspath, private)}
     demo.queue(default_concurrency_limit=1).launch(
         server_name=host, server_port=port, share=False, ssr_mode=False, mcp_server=False,
-        max_file_size=int(max_file_mb * 1e6), allowed_paths=[],
-        blocked_paths=sorted(p for p in blocked if not is_inside(page.folder, p)),
+        max_file_size=int(max_file_mb * 2**20), allowed_paths=[],
+        blocked_paths=sorted(p for p in blocked if not is_inside(page.root, p)),
         show_error=True, quiet=not block, prevent_thread_lock=not block)
     return demo
 
@@ -389,14 +399,14 @@ def main(argv=None):
     models = load_models(args.checkpoint, device)
     if device.type == "cpu":  # 1-3 faces per call: a second thread only waits (README "Video")
         torch.set_num_threads(1)
-    names = ", ".join(os.path.basename(p) for p in args.checkpoint)
-    about = f"Model: {names} ({', '.join(m.name for m in models)}, on {device.type})"
-    print(f"loaded {about[7:]}; Ctrl-C stops the page")
+    model = (f"{', '.join(os.path.basename(p) for p in args.checkpoint)} "
+             f"({', '.join(m.name for m in models)}, on {device.type})")
+    print(f"loaded {model}; Ctrl-C stops the page")
     root = tempfile.mkdtemp(prefix="fer-app-")
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     private = [os.path.dirname(os.path.abspath(p)) for p in args.checkpoint]
-    serve(open_page(models, device, root), about, args.host, args.port, args.max_file_mb,
-          private=private)
+    serve(open_page(models, device, root), f"Model: {model}", args.host, args.port,
+          args.max_file_mb, private=private)
     return 0
 
 

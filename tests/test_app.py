@@ -112,8 +112,8 @@ def test_photo_equals_detect_emotions_and_the_command_line(client, models, astro
     pd.testing.assert_frame_equal(page_csv.drop(columns=["file", "annotated"]),
                                   cli_csv.drop(columns=["file", "annotated"]))
     assert page_csv["file"].tolist() == ["astronaut.jpg"]
-    with open(got["annotated"], "rb") as page_copy, open(out / "annotated" / "astronaut.jpg", "rb") as cli_copy:
-        assert page_copy.read() == cli_copy.read()
+    with open(got["annotated"], "rb") as page_copy:
+        assert page_copy.read() == (out / "annotated" / "astronaut.jpg").read_bytes()
     assert got["chart"] is not None
 
 
@@ -185,7 +185,7 @@ def test_bad_files_get_a_message_and_the_server_keeps_serving(client, astronaut_
 
 def test_huge_file_is_refused_with_the_limit_said_on_the_page(served, client, astronaut_jpg, tmp_path):
     huge = tmp_path / "huge.jpg"
-    huge.write_bytes(b"\xff" * (MAX_MB * 1_000_000 + 1000))
+    huge.write_bytes(b"\xff" * (MAX_MB * 2**20 + 1000))
     with pytest.raises(Exception, match="(?i)size|large"):
         ask_photo(client, huge)
     with urllib.request.urlopen(served.url + "config") as response:

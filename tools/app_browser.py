@@ -102,8 +102,11 @@ def camera_frames(url, y4m, profile, seconds=10.0, timeout_s=60):
             shown = page.locator("#camera_out img")
             shown.wait_for(timeout=timeout_s * 1000)
             # Count in the page: each new frame replaces the picture's src.
-            page.evaluate("""() => { window.__frames = 0; const img = document.querySelector('#camera_out img');
-                new MutationObserver(() => window.__frames++).observe(img, {attributes: true, attributeFilter: ['src']}); }""")
+            page.evaluate("""() => {
+                window.__frames = 0;
+                new MutationObserver(() => window.__frames++).observe(
+                    document.querySelector('#camera_out img'), {attributes: true, attributeFilter: ['src']});
+            }""")
             start = time.perf_counter()
             page.wait_for_timeout(seconds * 1000)
             frames = page.evaluate("() => window.__frames")

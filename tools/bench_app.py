@@ -1,8 +1,8 @@
 """Speed of the web page (app.py) through its API on loopback: a 640x480 photo with one face, and
 camera frames per second. A developer benchmark, not a test.
 
-    python3 tools/bench_app.py                                   # the shipped model
-    python3 tools/bench_app.py --photos 50 --json results/bench_app.json --note "quiet machine"
+    python3 tools/bench_app.py                           # the shipped model; results/bench_app.json
+    python3 tools/bench_app.py --photos 50 --json /tmp/quiet.json --note "nothing else running"
 
 app.py runs in its own process, started as a user starts it (`python3 app.py --port <free>`).
 The photo is a 640x480 frame of tools/bench_video.make_clip (the astronaut's head on a plain
@@ -131,7 +131,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default: %(default)s)")
     p.add_argument("--camera_s", "--camera-s", type=float, default=15.0,
                    help="seconds of camera in the browser (default: %(default)s)")
-    p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--json", default=os.path.join(ROOT, "results", "bench_app.json"),
+                   help="the result with the machine's description (default: results/bench_app.json)")
     p.add_argument("--note", default="", help="a remark stored with the result (e.g. what else ran)")
     args = p.parse_args(argv)
     result = {"machine": machine(), "checkpoints": args.checkpoint or ["(app.py's default)"],
@@ -151,10 +152,8 @@ def main(argv=None):
         finally:
             app_browser.stop_app(process)
     result["load_average_at_end"] = os.getloadavg()
-    print(table(result))
-    if args.json:
-        save_json(result, args.json)
-        print(f"wrote {args.json}")
+    save_json(result, args.json)
+    print(f"{table(result)}\nwrote {args.json}")
     return 0
 
 
