@@ -72,7 +72,7 @@ def bench_photos(url, photo, n, warmup):
     from gradio_client import Client, handle_file
     with httpx.Client(timeout=120) as http, tempfile.TemporaryDirectory() as downloads:
         print(api_photo(http, url, photo)[1])
-        client = Client(url, download_files=downloads, verbose=False)
+        client = Client(url, download_files=downloads, verbose=False, analytics_enabled=False)
         return timed({"photo_api": lambda: api_photo(http, url, photo),
                       "photo_api_gradcam": lambda: api_photo(http, url, photo, True),
                       "photo_gradio_client": lambda: client.predict(handle_file(photo), False,
