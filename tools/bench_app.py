@@ -73,6 +73,7 @@ def bench_photos(url, photo, n, warmup):
     with httpx.Client(timeout=120) as http, tempfile.TemporaryDirectory() as downloads:
         print(api_photo(http, url, photo)[1])
         client = Client(url, download_files=downloads, verbose=False, analytics_enabled=False)
+        tempfile.tempdir = downloads  # gradio_client leaves an empty folder there per download
         return timed({"photo_api": lambda: api_photo(http, url, photo),
                       "photo_api_gradcam": lambda: api_photo(http, url, photo, True),
                       "photo_gradio_client": lambda: client.predict(handle_file(photo), False,
