@@ -37,14 +37,15 @@ try:
 except ImportError as err:  # the page's own requirement: training does not need it
     raise SystemExit("app.py needs Gradio: pip install -r requirements-app.txt") from err
 
-# Everything the page computes comes from these functions, the ones infer.py uses (issue #27
-# moves them to predict.py, faces.py, photos.py and video.py: remap them here only).
-from explain import explain_faces, overlay  # noqa: E402
-from infer import DEFAULT_CHECKPOINT, detect_emotions, explained_classes, load_models, predict  # noqa: E402
+# Everything the page computes comes from these functions, the ones infer.py uses.
+from explain import explain_faces, explained_classes, overlay  # noqa: E402
+from faces import (EMOTION_COLOURS, FACE_MARGIN, Skipped, annotate, crop_face, read_image,  # noqa: E402
+                   write_image)
 from onnx_model import OnnxModel  # noqa: E402
-from photos import (EMOTION_COLOURS, FACE_MARGIN, Skipped, annotate, classify_video,  # noqa: E402
-                    crop_face, photo_rows, read_image, unique_name, write_faces_table, write_image)
+from photos import photo_rows, unique_name, write_faces_table  # noqa: E402
+from predict import DEFAULT_CHECKPOINT, detect_emotions, load_models, predict  # noqa: E402
 from utils import EMOTIONS, Parser, flag, run_cli, select_device  # noqa: E402
+from video import classify_video  # noqa: E402
 
 MAX_FILE_MB = 100  # uploads above this are refused by the server before they are stored
 KEEP_S = 3600  # a request's files (uploads, results) are deleted after an hour

@@ -20,8 +20,10 @@ pytest.importorskip("gradio", reason="the web page needs Gradio: pip install -r 
 from gradio_client import Client, handle_file  # noqa: E402
 
 import app  # noqa: E402
-import infer  # noqa: E402
+import faces  # noqa: E402
 import photos  # noqa: E402
+import predict  # noqa: E402
+import video  # noqa: E402
 from tools import app_browser  # noqa: E402
 from tools.bench_video import make_clip, read_all  # noqa: E402
 from utils import EMOTIONS  # noqa: E402
@@ -40,7 +42,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 
 @pytest.fixture(scope="module")
 def models():
-    return infer.load_models(infer.DEFAULT_CHECKPOINT)  # the shipped model: the astronaut is Happy
+    return predict.load_models(predict.DEFAULT_CHECKPOINT)  # the shipped model: the astronaut is Happy
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def served(models, tmp_path_factory):
     port = app_browser.free_port()
     page = app.open_page(models, "cpu", root)
     demo = app.serve(page, "Model: the shipped one", port=port, max_file_mb=MAX_MB, block=False,
-                     private=[os.path.dirname(infer.DEFAULT_CHECKPOINT)])
+                     private=[os.path.dirname(predict.DEFAULT_CHECKPOINT)])
     try:
         yield type("Served", (), dict(url=f"http://127.0.0.1:{port}/", page=page, root=str(root),
                                       connections=connections))
@@ -108,7 +110,7 @@ def table_rows(table):
 
 def test_photo_equals_detect_emotions_and_the_command_line(client, models, astronaut_jpg, tmp_path):
     got = ask_photo(client, astronaut_jpg)
-    want = infer.detect_emotions(models, astronaut_jpg)
+    want = predict.detect_emotions(models, astronaut_jpg)
     assert len(want) == 1 and want[0]["emotion"] == "Happy"
     rows = table_rows(got["faces"])
     assert [(r["x"], r["y"], r["w"], r["h"]) for r in rows] == [f["box"] for f in want]
@@ -119,7 +121,7 @@ def test_photo_equals_detect_emotions_and_the_command_line(client, models, astro
     assert "1 face(s): face 0: Happy" in got["message"]
     # The same files as `infer.py --images`: faces.csv (but for the file names) and the picture.
     out = tmp_path / "cli"
-    photos.classify_photos([astronaut_jpg], lambda faces: infer.predict(models, faces), str(out),
+    photos.classify_photos([astronaut_jpg], lambda crops: predict.predict(models, crops), str(out),
                            log=lambda message: None)
     page_csv, cli_csv = pd.read_csv(got["csv"]), pd.read_csv(out / "faces.csv")
     assert list(page_csv.columns) == list(cli_csv.columns)
@@ -134,8 +136,8 @@ def test_photo_equals_detect_emotions_and_the_command_line(client, models, astro
 def test_gradcam_switch_paints_the_faces_only(client, models, astronaut_jpg):
     plain = cv2.imread(ask_photo(client, astronaut_jpg)["annotated"]).astype(int)
     painted = cv2.imread(ask_photo(client, astronaut_jpg, gradcam=True)["annotated"]).astype(int)
-    x, y, w, h = infer.detect_emotions(models, astronaut_jpg)[0]["box"]
-    extra = round(photos.FACE_MARGIN * max(w, h)) + 16  # the crop's margin, and JPEG's 8x8 blocks
+    x, y, w, h = predict.detect_emotions(models, astronaut_jpg)[0]["box"]
+    extra = round(faces.FACE_MARGIN * max(w, h)) + 16  # the crop's margin, and JPEG's 8x8 blocks
     inside = np.abs(painted - plain)[y:y + h, x:x + w].mean()
     outside = np.abs(painted - plain)
     outside[max(0, y - extra):y + h + extra, max(0, x - extra):x + w + extra] = 0
@@ -158,7 +160,7 @@ def test_video_equals_the_command_line_and_plays_in_a_browser(client, models, tm
     got = ask_video(client, path)
     assert "16 frames analysed" in got["message"] and "1 tracked face" in got["message"]
     # What `infer.py --video` writes for the same file.
-    summary = photos.classify_video(str(path), "interview", lambda faces: infer.predict(models, faces),
+    summary = video.classify_video(str(path), "interview", lambda crops: predict.predict(models, crops),
                                     str(tmp_path / "cli"), log=lambda message: None)
     pd.testing.assert_frame_equal(pd.read_csv(got["frames"], keep_default_na=False),
                                   pd.read_csv(tmp_path / "cli" / "frames.csv", keep_default_na=False))
@@ -241,7 +243,7 @@ def test_the_page_serves_its_uploads_and_no_other_file(served, client, astronaut
     assert uploads, "uploads and results live under the page's own folder"
     file_url = served.url + "gradio_api/file="
     assert get_status(file_url + uploads[0]) == 200
-    for private in ("/etc/passwd", os.path.abspath(app.__file__), infer.DEFAULT_CHECKPOINT,
+    for private in ("/etc/passwd", os.path.abspath(app.__file__), predict.DEFAULT_CHECKPOINT,
                     os.path.join(served.root, "..", "..", "..", "etc", "passwd"),
                     astronaut_jpg):
         assert get_status(file_url + private) in (403, 404), private
@@ -280,12 +282,12 @@ def test_an_onnx_model_serves_photos_and_says_grad_cam_needs_pth(astronaut_jpg, 
     import checkpoint
     from tests.test_infer import random_model, save_checkpoint
     onnx = checkpoint.export(save_checkpoint(tmp_path / "a_best.pth", random_model(0)), tmp_path / "a.onnx")
-    models = infer.load_models(onnx)
+    models = predict.load_models(onnx)
     page = app.Page(models, "cpu", str(tmp_path))
     os.makedirs(page.folder)
     assert not page.explainable
     annotated, faces, _, _, message = app.photo(page, astronaut_jpg, gradcam=True)
-    (want,) = infer.detect_emotions(models, astronaut_jpg)
+    (want,) = predict.detect_emotions(models, astronaut_jpg)
     assert faces.data["p_Happy"].tolist() == [want["emotions"]["Happy"]]
     assert "Grad-CAM needs .pth checkpoints" in message
     assert cv2.imread(annotated) is not None
@@ -296,8 +298,8 @@ def test_an_onnx_model_serves_photos_and_says_grad_cam_needs_pth(astronaut_jpg, 
 def test_camera_frame_is_drawn_as_a_photo(served, models, astronaut_jpg):
     bgr = cv2.imread(astronaut_jpg)
     shown = app.camera(served.page, np.ascontiguousarray(bgr[:, :, ::-1]))
-    faces = infer.detect_emotions(models, bgr)
-    want = photos.annotate(bgr.copy(), [(f["box"], f["emotion"], f["confidence"]) for f in faces])
+    found = predict.detect_emotions(models, bgr)
+    want = faces.annotate(bgr.copy(), [(f["box"], f["emotion"], f["confidence"]) for f in found])
     np.testing.assert_array_equal(shown[:, :, ::-1], want)
 
 
