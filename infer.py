@@ -16,6 +16,10 @@ faces.json), video.py (--video: per video frames.csv, annotated.mp4, timeline.pn
 summary.json), explain.py (--explain: Grad-CAM maps) and checkpoint.py / onnx_model.py
 (--export). README "Using a model" describes every file they write.
 """
+if __name__ == "__main__":  # Ctrl-C while the imports load (a second or more) just ends the
+    import signal  # process, without a traceback; utils.run_cli makes it KeyboardInterrupt again
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import os
 import sys
 import time
@@ -31,16 +35,17 @@ import predict
 import report
 import video
 from utils import (DEFAULT_CSV, EMOTIONS, SPLITS, Parser, UserError, autocast_dtype, check_writable,
-                   device_flags, flag, new_folder, one_of, run_cli, select_device)
+                   device_flags, flag, new_folder, one_of, printable, run_cli, select_device)
 
 
 def default_output_dir(paths, images=False, kind="photos"):
     """outputs/infer/<checkpoint's folder>/<checkpoint name> (ensembles: outputs/infer/ensemble/
     a+b); photos and videos go to a photos_<time> or video_<time> folder inside it (`kind`), so
-    each call keeps its own results."""
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    each call keeps its own results. Names that are not UTF-8 are made printable (OpenCV cannot
+    write a video into a folder so named)."""
+    stems = [printable(os.path.splitext(os.path.basename(p))[0]) for p in paths]
     if len(paths) == 1:
-        parent = os.path.basename(os.path.dirname(os.path.abspath(paths[0])))
+        parent = printable(os.path.basename(os.path.dirname(os.path.abspath(paths[0]))))
         folder = os.path.join("outputs", "infer", parent, stems[0])
     else:
         folder = os.path.join("outputs", "infer", "ensemble", "+".join(stems)[:120])
@@ -145,17 +150,15 @@ def check_flags(parser, args):
                                            ("--no_smooth", not args.smooth)) if used]
     if video_flags and args.video is None:
         parser.error(f"{', '.join(video_flags)} apply to --video only")
-    if args.export and len(args.checkpoint) != 1:
+    if args.export is not None and len(args.checkpoint) != 1:
         parser.error("--export takes one checkpoint")
 
 
 def export(source, target):
-    """--export: an inference-only copy of one checkpoint (fp16 .pth, or .onnx)."""
+    """--export: an inference-only copy of one checkpoint (fp16 .pth, or .onnx); an existing
+    target is replaced only when it is an earlier export (checkpoint.check_export_target)."""
     if onnx_model.is_onnx(source):
         raise UserError(f"{source} is already an ONNX file; export from the .pth checkpoint")
-    if os.path.exists(target) and os.path.exists(source) and os.path.samefile(source, target):
-        raise UserError(f"--export {target} would replace the checkpoint it reads "
-                        "(and lose its training state): choose another file name")
     size = os.path.getsize(checkpoint.export(source, target)) / 2**20
     kind = (f"ONNX, opset {onnx_model.OPSET}, fp32, dynamic batch" if onnx_model.is_onnx(target)
             else "fp16 PyTorch")
@@ -208,7 +211,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_flags(parser, args)
     paths = [checkpoint.resolve(p) for p in args.checkpoint]
-    if args.export:
+    if args.export is not None:
         export(paths[0], args.export)
         return 0
     explaining = args.explain or args.explain_class is not None

@@ -8,7 +8,7 @@ import sys
 
 from faces import (IMAGE_EXTENSIONS, Skipped, WholePicture, annotate, face_detector, faces_in_image,
                    find_images, read_image, warn, write_image)
-from utils import EMOTIONS, UserError, atomic_write, save_json
+from utils import EMOTIONS, UserError, atomic_write, printable, save_json
 
 
 def unique_name(name, used):
@@ -24,7 +24,9 @@ def unique_name(name, used):
 
 
 def photo_rows(path, boxes, probs, factor, class_names, annotated):
-    """faces.csv rows of one photo: one per face (box in the file's own pixels), or one 'no face'."""
+    """faces.csv rows of one photo: one per face (box in the file's own pixels), or one 'no face'.
+    Paths are printable (utils.printable): a name that is not UTF-8 must not lose the table."""
+    path, annotated = printable(path), printable(annotated)
     if not boxes:
         return [{"file": path, "face": None, "x": None, "y": None, "w": None, "h": None,
                  "emotion": "no face", "confidence": None,
@@ -56,6 +58,13 @@ def write_faces_table(rows, class_names, out_dir):
              "annotated": r["annotated"]} for r in rows]
 
 
+def skip(skipped, path, reason, shown=True):
+    """Note an input that is passed over in `skipped` (faces.json), and in a warning if `shown`."""
+    if shown:
+        warn(f"{printable(path)} {reason}; skipped")
+    skipped.append({"file": printable(path), "reason": reason})
+
+
 def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print, keep_crops=False):
     """Find, crop and classify the faces in photos (files or folders), one photo at a time; write
     annotated copies under out_dir/annotated/ and faces.csv / faces.json (boxes x, y, w, h in the
@@ -72,9 +81,7 @@ def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print, keep
     entries, passed_over = find_images(inputs)
     skipped = []
     for path, reason, shown in passed_over:
-        if shown:
-            warn(f"{path} {reason}; skipped")
-        skipped.append({"file": path, "reason": reason})
+        skip(skipped, path, reason, shown)
     hidden = sum(not shown for _, _, shown in passed_over)
     if hidden:
         warn(f"{hidden} more files that are not images; skipped")
@@ -86,13 +93,13 @@ def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print, keep
         try:
             image, factor, note = read_image(path)
         except Skipped as why:
-            warn(f"{path} {why}; skipped")
-            skipped.append({"file": path, "reason": str(why)})
+            skip(skipped, path, str(why))
             continue
         if note:
-            warn(f"{path} {note}")
+            warn(f"{printable(path)} {note}")
         boxes, crops, probs = faces_in_image(image, predict_faces, detector)
-        target = os.path.join(annotated_dir, unique_name(name, used_names))
+        # The copy takes the printable name, so that faces.csv names it as it is on disk.
+        target = os.path.join(annotated_dir, unique_name(printable(name), used_names))
         if keep_crops and boxes:
             kept.append((target, crops, probs))
         rows += photo_rows(path, boxes, probs, factor, class_names, target)

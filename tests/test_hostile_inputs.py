@@ -1,0 +1,227 @@
+"""What users and files hand infer.py (issue 30): names that are not UTF-8, export targets that
+would destroy a run, weights that are not finite, read-only folders, signals and full disks in
+the middle of a video, frames too small to encode. Each test reproduces what a probe found."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import checkpoint
+from tests.test_infer import random_model, run_cli, save_checkpoint
+from tools.bench_video import make_clip
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE, FPS = (320, 240), 10.0
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "a_best.pth", random_model(0))
+
+
+@pytest.fixture(scope="module")
+def astronaut_jpg(tmp_path_factory):
+    import skimage.data
+    path = tmp_path_factory.mktemp("photo") / "astronaut.jpg"
+    cv2.imwrite(str(path), skimage.data.astronaut()[::2, ::2, ::-1])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clips") / "clip.mp4"
+    make_clip(path, 12, 1, SIZE, FPS, (2, 2))
+    return str(path)
+
+
+def count_frames(path):
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+def infer_process(*argv):
+    """infer.py in its own process (a crash there must not take pytest down)."""
+    return subprocess.Popen([sys.executable, "infer.py", *argv, "--device", "cpu"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1"))
+
+
+# ----------------------------------------------------------------------------- 1: names
+
+def test_names_that_are_not_utf8_neither_crash_nor_lose_the_results(ckpt, astronaut_jpg, clip, tmp_path):
+    photos, videos = tmp_path / "photos", tmp_path / "videos"
+    photos.mkdir(), videos.mkdir()
+    good, junk = os.fsdecode(b"good\xff.jpg"), os.fsdecode(b"junk\xff.jpg")
+    with open(photos / good, "wb") as f:
+        f.write(open(astronaut_jpg, "rb").read())
+    with open(photos / junk, "wb") as f:
+        f.write(b"not an image at all")
+    with open(videos / os.fsdecode(b"clip\xff.mp4"), "wb") as f:
+        f.write(open(clip, "rb").read())
+    with open(videos / "plain.mp4", "wb") as f:
+        f.write(open(clip, "rb").read())
+    out = tmp_path / "out"
+    process = infer_process("-c", ckpt, "--images", str(photos), "--video", str(videos), "-o", str(out))
+    stdout, stderr = process.communicate(timeout=300)
+    err = stderr.decode("utf-8", "replace")
+    assert process.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    table = pd.read_csv(out / "faces.csv")
+    assert list(table["file"].map(os.path.basename)) == ["good\\xff.jpg"]  # printable, not lost
+    assert os.path.exists(table["annotated"][0])  # the row names the copy as it is on disk
+    listed = json.loads((out / "faces.json").read_text())
+    assert [os.path.basename(f["file"]) for f in listed["faces"]] == ["good\\xff.jpg"]
+    assert [os.path.basename(s["file"]) for s in listed["skipped"]] == ["junk\\xff.jpg"]
+    lines = [line for line in err.splitlines() if "clip\\xff.mp4" in line]
+    assert len(lines) == 1 and "not valid UTF-8" in lines[0] and "rename" in lines[0]
+    assert (out / "plain" / "summary.json").exists()
+
+
+def test_output_folders_named_after_a_non_utf8_checkpoint_folder_are_printable(tmp_path):
+    import infer
+    folder = os.fsdecode(b"run\xff")
+    made = infer.default_output_dir([os.path.join(str(tmp_path), folder, "a_best.pth")])
+    assert made.endswith(os.path.join("run\\xff", "a_best"))
+
+
+# ----------------------------------------------------------------------------- 3: exports
+
+def training_file(path):
+    """A file as run.py saves it: weights plus what resuming needs."""
+    return save_checkpoint(path, random_model(1), kind="last", train_state={"step": 8},
+                           optimizer_state={"state": {}, "param_groups": []})
+
+
+def test_an_export_never_replaces_a_training_checkpoint_or_a_foreign_file(ckpt, tmp_path, capsys):
+    last = training_file(tmp_path / "x_last.pth")
+    notes = tmp_path / "notes.pth"
+    notes.write_text("my notes")
+    for target in (last, notes):
+        before = open(target, "rb").read()
+        code, _, err = run_cli(["-c", ckpt, "--export", str(target)], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "only replaces an earlier export" in err and str(target) in err
+        assert open(target, "rb").read() == before
+    # An earlier export is replaced.
+    small = tmp_path / "small.pth"
+    for _ in range(2):
+        code, _, err = run_cli(["-c", ckpt, "--export", str(small)], capsys)
+        assert code == 0, err
+    assert checkpoint.load(str(small))["kind"] == checkpoint.EXPORT
+
+
+@pytest.mark.parametrize("target", ["", "folder", "folder/"])
+def test_an_export_to_a_folder_or_an_empty_name_is_refused(ckpt, tmp_path, capsys, target):
+    (tmp_path / "folder").mkdir()
+    code, _, err = run_cli(["-c", ckpt, "--export", str(tmp_path / target) if target else ""], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "--export" in err and os.listdir(tmp_path / "folder") == []
+
+
+def test_an_export_into_a_read_only_folder_is_one_error_line(ckpt, tmp_path, read_only, capsys):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    read_only(folder)
+    code, _, err = run_cli(["-c", ckpt, "--export", str(folder / "small.pth")], capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Read-only file system" in err and str(folder) in err
+
+
+# ----------------------------------------------------------------------------- 5: weights
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_weights_that_are_not_finite_is_refused(ckpt, tmp_path, capsys, value):
+    model = random_model(0)
+    with torch.no_grad():
+        model.classifier[-1].weight[0, 0] = value
+    broken = save_checkpoint(tmp_path / "broken.pth", model)
+    csv = __import__("synthetic").write_synthetic_csv(tmp_path / "faces.csv", 7, 7, 7)
+    code, _, err = run_cli(["-c", broken, "-d", csv, "-o", str(tmp_path / "o")], capsys)
+    assert code == 2 and "broken.pth" in err and "not finite" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- 7: video
+
+def test_sigterm_mid_video_finishes_the_files_as_ctrl_c_does(ckpt, tmp_path):
+    long_clip = tmp_path / "long.mp4"
+    make_clip(long_clip, 400, 1, SIZE, FPS, (0, 0))
+    out = tmp_path / "out"
+    process = infer_process("-c", ckpt, "--video", str(long_clip), "-o", str(out))
+    frames = out / "long" / "frames.csv"
+    end = time.time() + 120
+    while not (frames.exists() and len(frames.read_text().splitlines()) > 4):
+        assert process.poll() is None, process.communicate()
+        assert time.time() < end
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    err = stderr.decode()
+    assert process.returncode in (130, 143) and "Traceback" not in err, err[-3000:]
+    summary = json.loads((out / "long" / "summary.json").read_text())
+    assert summary["interrupted"] and 0 < summary["frames_analysed"] < 400
+    assert count_frames(out / "long" / "annotated.mp4") == summary["frames_analysed"]
+
+
+def test_a_full_disk_mid_video_never_claims_an_unreadable_video_is_intact(ckpt, clip, tmp_path,
+                                                                             monkeypatch, capsys):
+    """As on a full disk: the video writer's output is cut short (OpenCV does not say so) and the
+    timeline cannot be written."""
+    class CutShortWriter:
+        def __init__(self, path, *args):
+            self.path = path
+            open(path, "wb").close()
+
+        def isOpened(self):
+            return True
+
+        def write(self, frame):
+            with open(self.path, "ab") as f:
+                f.write(b"\0" * 64)
+
+        def release(self):
+            pass
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(cv2, "VideoWriter", CutShortWriter)
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["-c", ckpt, "--video", clip, "-o", str(out), "--device", "cpu"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "full" in message and "frames.csv" in message
+    assert "annotated.mp4" in message and "could not be finished" in message
+    assert not (out / "clip" / "annotated.mp4").exists()  # no unreadable video left to trust
+    assert len(pd.read_csv(out / "clip" / "frames.csv")) > 0
+
+
+def test_one_pixel_frames_name_the_cause_and_the_summary_lists_only_real_files(ckpt, tmp_path, capsys):
+    tiny = tmp_path / "tiny.avi"
+    writer = cv2.VideoWriter(str(tiny), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (1, 1))
+    for k in range(5):
+        writer.write(np.full((1, 1, 3), 40 * k, np.uint8))
+    writer.release()
+    out = tmp_path / "out"
+    code, _, err = run_cli(["-c", ckpt, "--video", str(tiny), "-o", str(out), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "too small" in err and "1x1" in err and "no MP4 encoder" not in err
+    summary = json.loads((out / "tiny" / "summary.json").read_text())
+    assert summary["frames_analysed"] == 5
+    assert "annotated.mp4" not in summary["files"]
+    assert all(os.path.exists(path) for path in summary["files"].values())
