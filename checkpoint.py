@@ -83,6 +83,8 @@ def save(ckpt, path):
 def load(path):
     """Load one of our checkpoints safely; anything else is a UserError that says what it is."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint file at {path}")
     try:

@@ -35,7 +35,7 @@ import predict
 import report
 import video
 from utils import (DEFAULT_CSV, EMOTIONS, SPLITS, Parser, UserError, autocast_dtype, check_writable,
-                   device_flags, flag, new_folder, one_of, printable, run_cli, select_device)
+                   device_flags, flag, new_folder, one_of, path_arg, printable, run_cli, select_device)
 
 
 def default_output_dir(paths, images=False, kind="photos"):
@@ -64,20 +64,20 @@ def get_args_parser():
                            "your photos and videos.",
                epilog="examples:\n" + __doc__.split("\n\n")[1])
     g = p.add_argument_group("model")
-    flag(g, "--checkpoint", "-c", nargs="+", default=[predict.DEFAULT_CHECKPOINT], metavar="PATH",
+    flag(g, "--checkpoint", "-c", nargs="+", type=path_arg, default=[predict.DEFAULT_CHECKPOINT], metavar="PATH",
          help="checkpoint file(s) (.pth or .onnx, or a run folder with one *_best.pth); several "
               "make an ensemble whose probabilities are averaged (default: the shipped "
               "pretrained/fer2013_vgg2_4_2_conv5.pth)")
     flag(g, "--tta", choices=predict.TTA_MODES, default="none",
          help="test-time augmentation: flip (mirror) or tencrop (corners, centre, mirrors); the "
               "result without it is reported too (default: none)")
-    flag(g, "--export", metavar="FILE",
+    flag(g, "--export", type=path_arg, metavar="FILE",
          help="write an inference-only copy of the checkpoint to FILE, then stop: FILE.onnx an fp32 "
               "ONNX model (dynamic batch, normalisation inside; needs onnxscript), any other name "
               "the small PyTorch file (fp16 weights, no optimiser state)")
 
     g = p.add_argument_group("split report")
-    flag(g, "-d", "--dataset", default=None,
+    flag(g, "-d", "--dataset", type=path_arg, default=None,
          help="FER2013-layout CSV, or 'synthetic' (default: the data set the checkpoint was trained "
               f"on, else {DEFAULT_CSV}; with --images or --video a split is evaluated only when -d "
               "is given)")
@@ -89,11 +89,11 @@ def get_args_parser():
          help="drop malformed CSV rows (with a warning that counts them)")
 
     g = p.add_argument_group("photos and videos")
-    flag(g, "--images", nargs="+", metavar="PATH",
+    flag(g, "--images", nargs="+", type=path_arg, metavar="PATH",
          help="photos or folders of photos to classify (every format OpenCV reads)")
     flag(g, "--no_detect", dest="detect", action="store_false",
          help="with --images: each image is one already-cropped face (no face detection)")
-    flag(g, "--video", nargs="+", metavar="PATH|INDEX",
+    flag(g, "--video", nargs="+", type=path_arg, metavar="PATH|INDEX",
          help="video files, folders of videos, or camera numbers (0: the first camera, until "
               "Ctrl-C): per-frame emotions of tracked faces, an annotated video, a timeline")
     flag(g, "--every", type=int, default=1, metavar="N",
@@ -123,7 +123,7 @@ def get_args_parser():
               f"({', '.join(EMOTIONS)})")
 
     g = p.add_argument_group("output and hardware")
-    flag(g, "-o", "--output", default=None,
+    flag(g, "-o", "--output", type=path_arg, default=None,
          help="output folder (default: outputs/infer/<checkpoint folder>/<checkpoint name>, and "
               "a photos_<time> or video_<time> folder inside it for photos and videos)")
     flag(g, "--batch_size", type=int, default=None,

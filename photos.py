@@ -65,6 +65,20 @@ def skip(skipped, path, reason, shown=True):
     skipped.append({"file": printable(path), "reason": reason})
 
 
+def log_summary(rows, processed, skipped, detect, out_dir, log=print):
+    """The closing lines of classify_photos: counts of faces, emotions and skipped inputs."""
+    found = [r for r in rows if r["x"] is not None]
+    no_face = len(rows) - len(found)
+    log(f"{processed} image(s) processed: {len(found)} face(s), {no_face} image(s) without a face, "
+        f"{len(skipped)} input(s) skipped")
+    if found:
+        counts = {n: sum(r["emotion"] == n for r in found) for n in EMOTIONS}
+        log("  " + ", ".join(f"{n} {c}" for n, c in counts.items() if c))
+    if no_face and detect:
+        log("  (no face found: if those images are already-cropped faces, pass --no-detect)")
+    log(f"wrote faces.csv, faces.json and annotated copies to {out_dir}")
+
+
 def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print, keep_crops=False):
     """Find, crop and classify the faces in photos (files or folders), one photo at a time; write
     annotated copies under out_dir/annotated/ and faces.csv / faces.json (boxes x, y, w, h in the
@@ -87,46 +101,46 @@ def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print, keep
         warn(f"{hidden} more files that are not images; skipped")
     detector = face_detector() if detect else WholePicture()
     annotated_dir = os.path.join(out_dir, "annotated")
-    used_names, rows, processed, kept = set(), [], 0, []
-    for path, name in tqdm(entries, desc="photos", unit="image", disable=len(entries) < 2,
-                           file=sys.stderr, dynamic_ncols=True):
-        try:
-            image, factor, note = read_image(path)
-        except Skipped as why:
-            skip(skipped, path, str(why))
-            continue
-        if note:
-            warn(f"{printable(path)} {note}")
-        boxes, crops, probs = faces_in_image(image, predict_faces, detector)
-        # The copy takes the printable name, so that faces.csv names it as it is on disk.
-        target = os.path.join(annotated_dir, unique_name(printable(name), used_names))
-        if keep_crops and boxes:
-            kept.append((target, crops, probs))
-        rows += photo_rows(path, boxes, probs, factor, class_names, target)
-        labels = [(box, class_names[int(p.argmax())], float(p.max())) for box, p in zip(boxes, probs)]
-        try:
-            write_image(target, annotate(image, labels))
-        except OSError as err:
-            warn(f"{target}: could not write the annotated copy ({err})")
-        processed += 1
+    used_names, rows, processed, kept, stop = set(), [], 0, [], None
+    try:
+        for path, name in tqdm(entries, desc="photos", unit="image", disable=len(entries) < 2,
+                               file=sys.stderr, dynamic_ncols=True):
+            try:
+                image, factor, note = read_image(path)
+            except Skipped as why:
+                skip(skipped, path, str(why))
+                continue
+            if note:
+                warn(f"{printable(path)} {note}")
+            boxes, crops, probs = faces_in_image(image, predict_faces, detector)
+            # The copy takes the printable name, so that faces.csv names it as it is on disk.
+            target = os.path.join(annotated_dir, unique_name(printable(name), used_names))
+            if keep_crops and boxes:
+                kept.append((target, crops, probs))
+            labels = [(box, class_names[int(p.argmax())], float(p.max())) for box, p in zip(boxes, probs)]
+            try:
+                write_image(target, annotate(image, labels))
+            except OSError as err:
+                warn(f"{target}: could not write the annotated copy ({err})")
+            rows += photo_rows(path, boxes, probs, factor, class_names, target)
+            processed += 1
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the tables still cover the photos done
+        stop = err
     if processed == 0:
+        if stop is not None:
+            raise stop
         what = f"none of the {len(entries)} image files" if entries else "no image files were found"
         raise UserError(f"nothing could be processed: {what}"
                         f"{' could be read' if entries else ''} in {', '.join(map(str, inputs))}")
 
     faces = write_faces_table(rows, class_names, out_dir)
-    result = {"processed": processed, "skipped": skipped, "detect": detect,
+    result = {"processed": processed, "skipped": skipped, "detect": detect, "interrupted": stop is not None,
               "class_names": list(class_names), "faces": faces}
     save_json(result, os.path.join(out_dir, "faces.json"))
-    found = [r for r in rows if r["x"] is not None]
-    no_face = len(rows) - len(found)
-    log(f"{processed} image(s) processed: {len(found)} face(s), {no_face} image(s) without a face, "
-        f"{len(skipped)} input(s) skipped")
-    if found:
-        counts = {n: sum(r["emotion"] == n for r in found) for n in class_names}
-        log("  " + ", ".join(f"{n} {c}" for n, c in counts.items() if c))
-    if no_face and detect:
-        log("  (no face found: if those images are already-cropped faces, pass --no-detect)")
-    log(f"wrote faces.csv, faces.json and annotated copies to {out_dir}")
+    log_summary(rows, processed, skipped, detect, out_dir, log)
+    if stop is not None:
+        warn(f"interrupted after {processed} of {len(entries)} photo(s): faces.csv and faces.json "
+             "cover those")
+        raise stop
     return dict(result, csv=os.path.join(out_dir, "faces.csv"),
                 json=os.path.join(out_dir, "faces.json"), annotated_dir=annotated_dir, crops=kept)

@@ -27,7 +27,7 @@ import report
 import train
 from models import MODEL_NAMES, build_model
 from utils import (DEFAULT_CSV, EMOTIONS, Parser, UserError, atomic_write, autocast_dtype, clip, check_writable, device_flags, flag,
-                   eval_batch_size, file_sha256, one_of, reuse_freed_memory, run_cli, save_figure, save_json,
+                   eval_batch_size, file_sha256, one_of, path_arg, reuse_freed_memory, run_cli, save_figure, save_json,
                    seed_everything, select_device)
 
 DEFAULT_MODEL = "vgg2_4_2_conv3"
@@ -58,7 +58,7 @@ def get_args_parser():
     p = Parser(prog="run.py", description="Train a VGG11-prefix facial-emotion model on FER2013, then test it.",
                epilog=EXAMPLES)
     g = p.add_argument_group("data")
-    flag(g, "-d", "--dataset", default=DEFAULT_CSV,
+    flag(g, "-d", "--dataset", type=path_arg, default=DEFAULT_CSV,
          help="FER2013 CSV (.csv/.gz/.xz/.zip), or 'synthetic' for the built-in faces "
               "(default: %(default)s)")
     flag(g, "--skip_bad_rows", action="store_true", help="drop malformed CSV rows (with a warning)")
@@ -73,13 +73,14 @@ def get_args_parser():
     add_recipe_flags(p)
 
     g = p.add_argument_group("checkpoints and outputs")
-    flag(g, "--checkpoint", default=None, metavar="FILE",
+    flag(g, "--checkpoint", type=path_arg, default=None, metavar="FILE",
          help="resume this run (a *_last.pth file, or the run's folder)")
-    flag(g, "--init_from", default=None, metavar="FILE",
+    flag(g, "--init_from", type=path_arg, default=None, metavar="FILE",
          help="start a new run (-m) from the weights in this checkpoint or export (fine-tuning)")
-    flag(g, "--checkpoint_dir", default="./checkpoint",
+    flag(g, "--checkpoint_dir", type=path_arg, default="./checkpoint",
          help="folder for the run folders of checkpoints (default: %(default)s)")
-    flag(g, "-o", "--output", default="./outputs", help="folder for outputs (default: %(default)s)")
+    flag(g, "-o", "--output", type=path_arg, default="./outputs",
+         help="folder for outputs (default: %(default)s)")
     flag(g, "--run_name", default=None, help="name of the run folders (default: MODEL_TIME)")
     flag(g, "--num_save", type=int, default=16, help="test faces saved as images (default: 16)")
 
@@ -137,7 +138,7 @@ def add_recipe_flags(p):
          help="validate every N training steps instead (default: 0, off)")
 
     g = p.add_argument_group("distillation")
-    flag(g, "--teacher", nargs="+", default=None, metavar="FILE",
+    flag(g, "--teacher", nargs="+", type=path_arg, default=None, metavar="FILE",
          help="distil from these trained models (checkpoints or exports, .pth): the student also "
               "learns their averaged softened probabilities on the same augmented faces")
     # Defaults from Hinton et al. 2015 as used by the CRD benchmark's KD baseline (Tian et al.,

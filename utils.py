@@ -129,6 +129,14 @@ def flag(group, *names, **kwargs):
     return group.add_argument(*spellings, **kwargs)
 
 
+def path_arg(value):
+    """An argparse type for paths: an empty string names nothing (os.path.join would take it for
+    the current folder), so it is refused."""
+    if not value:
+        raise argparse.ArgumentTypeError("an empty path names no file or folder")
+    return value
+
+
 def device_flags(group):
     """--device and --amp, the same for training and inference."""
     flag(group, "--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",

@@ -16,6 +16,10 @@ import pytest
 import torch
 
 import checkpoint
+import dataset
+import photos
+import synthetic
+import video
 from tests.test_infer import random_model, run_cli, save_checkpoint
 from tools.bench_video import make_clip
 
@@ -150,7 +154,7 @@ def test_a_checkpoint_with_weights_that_are_not_finite_is_refused(ckpt, tmp_path
     with torch.no_grad():
         model.classifier[-1].weight[0, 0] = value
     broken = save_checkpoint(tmp_path / "broken.pth", model)
-    csv = __import__("synthetic").write_synthetic_csv(tmp_path / "faces.csv", 7, 7, 7)
+    csv = synthetic.write_synthetic_csv(tmp_path / "faces.csv", 7, 7, 7)
     code, _, err = run_cli(["-c", broken, "-d", csv, "-o", str(tmp_path / "o")], capsys)
     assert code == 2 and "broken.pth" in err and "not finite" in err, err
     assert not (tmp_path / "o").exists()
@@ -225,3 +229,90 @@ def test_one_pixel_frames_name_the_cause_and_the_summary_lists_only_real_files(c
     assert summary["frames_analysed"] == 5
     assert "annotated.mp4" not in summary["files"]
     assert all(os.path.exists(path) for path in summary["files"].values())
+
+
+# ----------------------------------------------------------------------------- beyond the list
+
+def test_a_video_folder_whose_name_is_not_utf8_gets_no_annotated_video_and_no_crash(tmp_path, capsys):
+    folder = tmp_path / os.fsdecode(b"out\xff")
+    folder.mkdir()
+    assert video.open_writer(str(folder / "annotated.mp4"), FPS, SIZE) is None
+    assert "out\\xff" in capsys.readouterr().err and not os.listdir(folder)
+
+
+def test_a_data_set_whose_name_is_not_utf8_is_read_and_cached(tmp_path):
+    csv = synthetic.write_synthetic_csv(tmp_path / "faces.csv", 14, 7, 7, seed=2)
+    odd = str(tmp_path / os.fsdecode(b"faces\xff.csv"))
+    os.rename(csv, odd)
+    for _ in range(2):  # decoded, then from the cache
+        data = dataset.load_fer2013(odd, cache_dir=str(tmp_path / "cache"))
+        assert len(data.labels) == 28
+    assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_a_full_cache_folder_only_costs_speed(tmp_path, monkeypatch):
+    csv = synthetic.write_synthetic_csv(tmp_path / "faces.csv", 14, 7, 7, seed=2)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    said = []
+    data = dataset.load_fer2013(csv, cache_dir=str(tmp_path / "cache"), log=said.append)
+    assert len(data.labels) == 28 and "could not cache" in said[0]
+
+
+def test_ctrl_c_mid_photos_keeps_the_tables_of_the_photos_done(ckpt, astronaut_jpg, tmp_path,
+                                                               monkeypatch, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"p{k}.jpg").write_bytes(open(astronaut_jpg, "rb").read())
+    calls, real = [], photos.annotate
+
+    def interrupted(image, labels, legend=True):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(image, labels, legend)
+    monkeypatch.setattr(photos, "annotate", interrupted)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["-c", ckpt, "--images", str(folder), "-o", str(out), "--device", "cpu"], capsys)
+    assert code == 130 and "interrupted after 1 of 3 photo(s)" in err and "Traceback" not in err
+    table = pd.read_csv(out / "faces.csv")
+    assert list(table["file"].map(os.path.basename).unique()) == ["p0.jpg"]
+    assert json.loads((out / "faces.json").read_text())["interrupted"]
+
+
+@pytest.mark.parametrize("argv", [["--images", ""], ["-c", "", "--images", "x"], ["--images", "x", "-o", ""],
+                                  ["--video", ""], ["-d", ""]])
+def test_empty_paths_are_refused_by_infer(argv, capsys):
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and "an empty path" in err and len(err.strip().splitlines()) == 1, err
+
+
+SIGTERM_AND_ODD_NAMES = """
+import os, signal, sys, utils
+def main(argv):
+    print("a name that is not UTF-8:", os.fsdecode(b"x\\xff.jpg"))
+    if argv:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pause()
+        finally:
+            print("cleaned up")
+    return 0
+sys.exit(utils.run_cli(main))
+"""
+
+
+@pytest.mark.parametrize("terminate", [False, True])
+def test_run_cli_survives_odd_names_on_a_strict_terminal_and_ends_cleanly_on_sigterm(terminate):
+    done = subprocess.run([sys.executable, "-c", SIGTERM_AND_ODD_NAMES, *(["term"] if terminate else [])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=ROOT, PYTHONIOENCODING="utf-8:strict"))
+    assert "not UTF-8: x\\udcff.jpg" in done.stdout and "Traceback" not in done.stderr, done.stderr
+    if terminate:
+        assert done.returncode == 143 and "cleaned up" in done.stdout
+        assert "interrupted (SIGTERM)" in done.stderr
+    else:
+        assert done.returncode == 0

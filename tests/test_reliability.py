@@ -438,3 +438,25 @@ def test_the_run_folder_lock_of_a_starting_run_is_never_taken_over(tiny_csv, tmp
         code, err = exit_code_and_err(quick_run(tiny_csv, tmp_path), capsys)
         assert code == 2 and f"another run is using {folder}" in err, err
         assert (folder / ".lock").exists() and not list(folder.glob("*.pth"))
+
+
+@pytest.mark.parametrize("flag", ["-d", "--checkpoint_dir", "-o", "--init_from", "--teacher", "--checkpoint"])
+def test_empty_paths_are_refused_before_anything_is_written(tiny_csv, tmp_path, capsys, monkeypatch, flag):
+    """An empty --checkpoint_dir used to put the run folder into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    code, err = exit_code_and_err(quick_run(tiny_csv, tmp_path) + [flag, ""], capsys)
+    assert code == 2 and "an empty path" in err and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_dir_that_is_a_file_and_a_folder_given_as_a_file_are_one_line(tiny_csv, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    argv = quick_run(tiny_csv, tmp_path)
+    argv[argv.index("--checkpoint_dir") + 1] = str(blocker)
+    code, err = exit_code_and_err(argv, capsys)
+    assert code == 2 and f"cannot write to {blocker / 'r'}" in err and len(err.strip().splitlines()) == 1, err
+    for flag in ("--init_from", "--teacher"):
+        code, err = exit_code_and_err(quick_run(tiny_csv, tmp_path, flag, str(tmp_path)), capsys)
+        assert code == 2 and f"{tmp_path} is a folder, not a checkpoint file" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "cache"]
