@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import checkpoint
+import utils
 import dataset
 import photos
 import synthetic
@@ -316,3 +317,39 @@ def test_run_cli_survives_odd_names_on_a_strict_terminal_and_ends_cleanly_on_sig
         assert "interrupted (SIGTERM)" in done.stderr
     else:
         assert done.returncode == 0
+
+
+def onnx_of_ours(path, weight, input_side=48):
+    """A small ONNX graph with this tool's metadata: faces (N, 1, side, side) -> Flatten -> MatMul."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    import onnx_model
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["faces"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "made-up", [helper.make_tensor_value_info("faces", TensorProto.FLOAT, ["N", 1, input_side, input_side])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", weight.shape[1]])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    for key, value in {"format": onnx_model.FORMAT, "model_name": "vgg2_0_2",
+                       "class_names": json.dumps(list(utils.EMOTIONS))}.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    onnx.save(model, path)
+    return str(path)
+
+
+@pytest.mark.skipif(not all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxruntime")),
+                    reason="needs the optional onnx and onnxruntime packages")
+def test_onnx_files_of_the_right_format_but_the_wrong_shape_or_weights_are_refused(astronaut_jpg, tmp_path, capsys):
+    nan = np.full((48 * 48, 7), np.nan)
+    cases = {os.fsdecode(b"fine\xff.onnx"): (np.zeros((48 * 48, 7)), 48, None),
+             "nan.onnx": (nan, 48, "not finite"), "three.onnx": (np.zeros((48 * 48, 3)), 48, "not 7 class scores"),
+             "small.onnx": (np.zeros((32 * 32, 7)), 32, "does not take faces (N, 1, 48, 48)")}
+    for name, (weight, side, words) in cases.items():
+        path = onnx_of_ours(tmp_path / name, weight, side)
+        code, _, err = run_cli(["-c", path, "--images", astronaut_jpg, "-o", str(tmp_path / "o" / name)], capsys)
+        if words is None:
+            assert code == 0, err  # a name that is not UTF-8 is read too
+        else:
+            assert code == 2 and words in err and name in err and len(err.strip().splitlines()) == 1, err
