@@ -49,3 +49,19 @@ def read_only(monkeypatch):
         monkeypatch.setattr(builtins, "open", refuse(builtins.open, lambda a, k: any(
             c in (a[0] if a else k.get("mode", "r")) for c in "wax+")))
     return make
+
+
+@pytest.fixture
+def interrupt_annotate(monkeypatch):
+    """interrupt_annotate(module, n): the n-th call of module.annotate raises KeyboardInterrupt,
+    as a Ctrl-C while that picture is drawn would."""
+    def make(module, n):
+        real, calls = module.annotate, []
+
+        def annotate(image, faces, legend=True):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(image, faces, legend)
+        monkeypatch.setattr(module, "annotate", annotate)
+    return make

@@ -21,42 +21,14 @@ import dataset
 import photos
 import synthetic
 import video
-from tests.test_infer import random_model, run_cli, save_checkpoint
+from tests.test_infer import astronaut_jpg, random_model, run_cli, save_checkpoint  # noqa: F401 (fixtures)
+from tests.test_video import ckpt, clip, count_frames  # noqa: F401
 from tools.bench_video import make_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE, FPS = (320, 240), 10.0
+SIZE, FPS = (320, 240), 10.0  # as tests/test_video.py's clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "a_best.pth", random_model(0))
-
-
-@pytest.fixture(scope="module")
-def astronaut_jpg(tmp_path_factory):
-    import skimage.data
-    path = tmp_path_factory.mktemp("photo") / "astronaut.jpg"
-    cv2.imwrite(str(path), skimage.data.astronaut()[::2, ::2, ::-1])
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clips") / "clip.mp4"
-    make_clip(path, 12, 1, SIZE, FPS, (2, 2))
-    return str(path)
-
-
-def count_frames(path):
-    cap = cv2.VideoCapture(str(path))
-    n = 0
-    while cap.read()[0]:
-        n += 1
-    cap.release()
-    return n
 
 
 def infer_process(*argv):
@@ -77,9 +49,9 @@ def test_names_that_are_not_utf8_neither_crash_nor_lose_the_results(ckpt, astron
     with open(photos / junk, "wb") as f:
         f.write(b"not an image at all")
     with open(videos / os.fsdecode(b"clip\xff.mp4"), "wb") as f:
-        f.write(open(clip, "rb").read())
+        f.write(open(clip[0], "rb").read())
     with open(videos / "plain.mp4", "wb") as f:
-        f.write(open(clip, "rb").read())
+        f.write(open(clip[0], "rb").read())
     out = tmp_path / "out"
     process = infer_process("-c", ckpt, "--images", str(photos), "--video", str(videos), "-o", str(out))
     stdout, stderr = process.communicate(timeout=300)
@@ -207,13 +179,13 @@ def test_a_full_disk_mid_video_never_claims_an_unreadable_video_is_intact(ckpt, 
     monkeypatch.setattr(cv2, "VideoWriter", CutShortWriter)
     monkeypatch.setattr(os, "fsync", full)
     out = tmp_path / "out"
-    code, _, err = run_cli(["-c", ckpt, "--video", clip, "-o", str(out), "--device", "cpu"], capsys)
+    code, _, err = run_cli(["-c", ckpt, "--video", clip[0], "-o", str(out), "--device", "cpu"], capsys)
     assert code == 2 and "Traceback" not in err, err
     message = err.strip().splitlines()[-1]
     assert message.startswith("error: ") and "full" in message and "frames.csv" in message
     assert "annotated.mp4" in message and "could not be finished" in message
-    assert not (out / "clip" / "annotated.mp4").exists()  # no unreadable video left to trust
-    assert len(pd.read_csv(out / "clip" / "frames.csv")) > 0
+    assert not (out / "interview" / "annotated.mp4").exists()  # no unreadable video left to trust
+    assert len(pd.read_csv(out / "interview" / "frames.csv")) > 0
 
 
 def test_one_pixel_frames_name_the_cause_and_the_summary_lists_only_real_files(ckpt, tmp_path, capsys):
@@ -263,19 +235,12 @@ def test_a_full_cache_folder_only_costs_speed(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_mid_photos_keeps_the_tables_of_the_photos_done(ckpt, astronaut_jpg, tmp_path,
-                                                               monkeypatch, capsys):
+                                                               interrupt_annotate, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
     for k in range(3):
         (folder / f"p{k}.jpg").write_bytes(open(astronaut_jpg, "rb").read())
-    calls, real = [], photos.annotate
-
-    def interrupted(image, labels, legend=True):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(image, labels, legend)
-    monkeypatch.setattr(photos, "annotate", interrupted)
+    interrupt_annotate(photos, 2)
     out = tmp_path / "out"
     code, _, err = run_cli(["-c", ckpt, "--images", str(folder), "-o", str(out), "--device", "cpu"], capsys)
     assert code == 130 and "interrupted after 1 of 3 photo(s)" in err and "Traceback" not in err
