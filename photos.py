@@ -89,7 +89,8 @@ def classify_photos(inputs, predict_faces, out_dir, detect=True, log=print, keep
     Returns {"processed": n, "skipped": [{file, reason}], "faces": [...], csv, json, ...}, and with
     `keep_crops` "crops": [(annotated copy's path, its face crops, their probabilities)] (for
     Grad-CAM maps);
-    raises UserError when not a single image could be processed."""
+    raises UserError when not a single image could be processed. A Ctrl-C or SIGTERM writes the
+    tables of the photos done so far ("interrupted": true), then is raised again."""
     from tqdm import tqdm
     class_names = EMOTIONS
     entries, passed_over = find_images(inputs)
