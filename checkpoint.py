@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models import MODEL_NAMES, FerNet
-from utils import EMOTIONS, UserError, save_torch
+from utils import EMOTIONS, UserError, check_writable, save_torch
 
 FORMAT = 2  # the layout of today's files (the shipped exports included); format 1 is not read
 EXPORT = "export"  # the `kind` of an inference-only file
@@ -58,21 +58,33 @@ def training_checkpoint(kind, args, model, optimizer, state, rng, *, scaler=None
         "run_name": args.run_name, "pretrained_used": False, "world_size": 1, **about}
 
 
+def finite(weights):
+    """Whether every floating-point tensor of a state dict is finite (no NaN, no infinity)."""
+    return all(v.isfinite().all() for v in weights.values() if v.is_floating_point())
+
+
+def kept_note(folder):
+    """What a run that stopped on numbers that are not finite leaves in its folder, in words."""
+    if glob.glob(os.path.join(glob.escape(folder), "*.pth")):
+        return f"the checkpoints in {folder} are the last good ones"
+    return "no checkpoint was saved before that"
+
+
 def save(ckpt, path):
     """Write a checkpoint atomically; weights that are not finite (a diverged run) are refused,
     so they never replace a good file."""
-    for name in ("model_state", "ema_state"):
-        weights = ckpt.get(name) or {}
-        if not all(v.isfinite().all() for v in weights.values() if v.is_floating_point()):
-            raise UserError(f"the weights are no longer finite numbers (training diverged), so they "
-                            f"were not written to {path}; the checkpoints already in "
-                            f"{os.path.dirname(os.path.abspath(path))} are the last good ones")
+    if not all(finite(ckpt.get(name) or {}) for name in ("model_state", "ema_state")):
+        raise UserError(f"the weights are no longer finite numbers (training diverged), so they "
+                        f"were not written to {path}; "
+                        + kept_note(os.path.dirname(os.path.abspath(path))))
     save_torch(ckpt, path)
 
 
 def load(path):
     """Load one of our checkpoints safely; anything else is a UserError that says what it is."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint file at {path}")
     try:
@@ -101,12 +113,25 @@ def load(path):
 
 def train_state(ckpt, path):
     """The TrainState saved in a training checkpoint; an inference-only file is a UserError that
-    shows how to fine-tune from it instead."""
+    shows how to fine-tune from it instead, and a damaged one a UserError that says so."""
     if "train_state" not in ckpt or ckpt.get("kind") == EXPORT:
         raise UserError(f"{path} is an inference-only file (no optimiser or progress), so there is "
                         f"no run to resume; to train further from its weights start a new run: "
                         f"python3 run.py -m {ckpt['model_name']} --init_from {path}")
-    return TrainState(**ckpt["train_state"])
+    number = (int, float)
+    try:
+        state = TrainState(**ckpt["train_state"])
+        whole = (isinstance(state.step, int) and state.step >= 0 and isinstance(state.bad_validations, int)
+                 and isinstance(state.lr_factor, number) and isinstance(state.elapsed, number)
+                 and isinstance(state.history, list) and isinstance(state.best_score, (*number, type(None)))
+                 and isinstance(ckpt.get("args"), dict) and isinstance(ckpt.get("rng"), list)
+                 and isinstance(ckpt.get("optimizer_state"), dict))
+    except TypeError:  # fields this version does not know, or not a dict at all
+        whole = False
+    if not whole:
+        raise UserError(f"{path} is damaged: its progress, settings or optimiser state is not what "
+                        "run.py saves, so the run cannot be resumed from it")
+    return state
 
 
 def model_weights(ckpt):
@@ -123,16 +148,27 @@ def build_model(ckpt, device="cpu", source=None):
     if name not in MODEL_NAMES:
         raise UserError(f"{where}the checkpoint holds a model named {name!r}, which this version of "
                         f"the tool does not know; known models: {', '.join(MODEL_NAMES)}")
-    state = model_weights(ckpt)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{where}the checkpoint's model_state is not a set of weights")
     model = FerNet(name)
-    try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    except RuntimeError as err:
-        first = str(err).splitlines()[0][:300]
-        raise UserError(f"{where}the weights in the checkpoint do not fit a {name} ({first})") from err
+    load_weights(model, model_weights(ckpt), source)
     return model.to(device).eval()
+
+
+def load_weights(module, weights, source=None):
+    """Load a checkpoint's state dict into `module` (fp16 weights too). Weights that are not
+    tensors, do not fit, or are not finite raise one-line UserErrors naming `source`."""
+    where = f"{source}: " if source else ""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UserError(f"{where}the checkpoint's model_state is not a set of weights")
+    if not finite(weights):
+        raise UserError(f"{where}some weights are not finite (NaN or infinity: saved from a run that "
+                        "diverged?), so the file is refused")
+    try:
+        module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+    except RuntimeError as err:  # it lists every key: the first says enough
+        lines = str(err).strip().splitlines()
+        first = next((line.strip() for line in lines[1:] if line.strip()), lines[0])[:300]
+        name = getattr(module, "name", type(module).__name__)
+        raise UserError(f"{where}the weights in the checkpoint do not fit a {name} ({first})") from err
 
 
 def resolve(path, kind="best"):
@@ -157,16 +193,44 @@ def file_names(value):
     return value
 
 
+def check_export_target(path, destination, training=False):
+    """Refuse a destination whose file would be lost: an export only replaces an earlier export
+    (a training checkpoint holds a run that could no longer be resumed; any other file is the
+    user's), never the file it reads, a folder, or a folder that cannot be written."""
+    destination = os.fspath(destination)
+    if not destination or destination.endswith(os.sep) or os.path.isdir(destination):
+        raise UserError(f"--export needs a file name, not {'a folder, ' + destination if destination else 'an empty one'}")
+    if os.path.exists(destination):
+        if os.path.exists(path) and os.path.samefile(path, destination):
+            raise UserError(f"--export {destination} would replace the file it reads"
+                            + (" (and lose its training state)" if training else "") + ": choose another file name")
+        if not earlier_export(destination):
+            raise UserError(f"{destination} exists and is not an earlier export (it is a training "
+                            "checkpoint or another file): --export only replaces an earlier export, so "
+                            "it is left as it is; choose another file name")
+    check_writable(os.path.dirname(os.path.abspath(destination)))
+
+
+def earlier_export(path):
+    """Whether `path` holds an inference-only file of this tool (.pth, or .onnx) and nothing more."""
+    if os.fspath(path).lower().endswith(".onnx"):
+        import onnx_model
+        return onnx_model.exported_here(path)
+    try:
+        ckpt = load(path)
+    except UserError:
+        return False
+    return ckpt.get("kind") == EXPORT and not {"train_state", "optimizer_state"} & set(ckpt)
+
+
 def export(path, destination):
     """An inference-only copy: the validated weights in fp16 and the run's description; to a
-    destination ending in .onnx, an fp32 ONNX model with a dynamic batch (onnx_model.export)."""
+    destination ending in .onnx, an fp32 ONNX model with a dynamic batch (onnx_model.export).
+    The destination is checked before anything is written (check_export_target)."""
     if os.fspath(path).lower().endswith(".onnx"):
         raise UserError(f"{path} is already an ONNX file; export from the .pth checkpoint")
     ckpt = load(path)
-    if os.path.exists(destination) and os.path.samefile(path, destination):
-        raise UserError(f"--export {destination} would replace the file it reads"
-                        + (" (and lose its training state)" if "train_state" in ckpt else "")
-                        + ": choose another file name")
+    check_export_target(path, destination, training="train_state" in ckpt)
     model = build_model(ckpt, source=path)  # refuse to export what could not be loaded
     if os.fspath(destination).lower().endswith(".onnx"):
         import onnx_model  # its packages are optional: needed only here

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from utils import (DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, Parser, UserError, atomic_write, clip,
-                   flag, save_figure)
+from utils import (DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, DiskFull, Parser, UserError, atomic_write,
+                   clip, flag, printable, save_figure)
 
 USAGES = tuple(SPLITS.values())
 PIXELS = SIDE * SIDE
@@ -208,8 +208,8 @@ def default_cache_dir():
 def cache_path(path, cache_dir):
     stat = os.stat(path)
     key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_VERSION}"
-    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    name = os.path.basename(path).split(".")[0]
+    digest = hashlib.sha1(os.fsencode(key)).hexdigest()[:16]  # any name, UTF-8 or not
+    name = printable(os.path.basename(path).split(".")[0])
     return os.path.join(cache_dir, f"{name}-{digest}.npz")
 
 
@@ -227,7 +227,7 @@ def _load_or_decode(path, cache_dir, log):
             buffer = io.BytesIO()
             np.savez(buffer, **arrays)
             atomic_write(cached, lambda f: f.write(buffer.getbuffer()))
-        except OSError as err:  # a read-only place only costs speed
+        except (OSError, DiskFull) as err:  # a read-only or full place only costs speed
             log(f"warning: could not cache the decoded data in {cache_dir}: {err}")
     return arrays
 

@@ -66,10 +66,8 @@ def read_image(path, max_pixels=None):
     try:
         with _no_pil_size_limit(), Image.open(path) as im:
             (w, h), fmt = im.size, im.format
-    except UnidentifiedImageError as err:
-        if cv2.haveImageReader(os.fspath(path)):  # a format only OpenCV reads (e.g. HDR, PFM):
-            return _read_with_opencv(path, max_pixels)  # no header check, OpenCV's own cap
-        raise Skipped("is not an image this tool can read (or it is corrupt)") from err
+    except UnidentifiedImageError:  # maybe a format only OpenCV reads (e.g. HDR, PFM)
+        return _read_with_opencv(path, max_pixels)
     except OSError as err:
         raise Skipped(f"cannot be read ({err.strerror or err})") from err
     except Exception as err:  # PIL raises several kinds on malformed headers
@@ -88,22 +86,29 @@ def read_image(path, max_pixels=None):
                  8: cv2.IMREAD_REDUCED_COLOR_8}[factor]
         note = (f"is {megapixels}; downscaled while decoding, to 1/{factor} "
                 f"({math.ceil(w / factor)}x{math.ceil(h / factor)})")
-    try:
-        data = np.fromfile(path, np.uint8)
-    except OSError as err:
-        raise Skipped(f"cannot be read ({err.strerror or err})") from err
-    image = cv2.imdecode(data, flags)
+    image = _decode(path, flags)
     if image is None or image.size == 0:
         raise Skipped(f"could not be decoded as a {fmt} image (corrupt or truncated?)")
     return image, factor, note
+
+def _decode(path, flags):
+    """cv2.imdecode of the file's bytes, read here: OpenCV's own file functions crash on a name
+    that is not UTF-8. None when OpenCV cannot decode them."""
+    import cv2
+    try:
+        return cv2.imdecode(np.fromfile(path, np.uint8), flags)
+    except OSError as err:
+        raise Skipped(f"cannot be read ({err.strerror or err})") from err
+    except cv2.error:
+        return None
 
 def _read_with_opencv(path, max_pixels):
     """Decode a file PIL cannot identify with OpenCV alone; its size is known only afterwards (OpenCV
     refuses more than 2**30 pixels itself)."""
     import cv2
-    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+    image = _decode(path, cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
-        raise Skipped("could not be decoded (corrupt or truncated?)")
+        raise Skipped("is not an image this tool can read (or it is corrupt)")
     h, w = image.shape[:2]
     if w * h > max_pixels:
         raise Skipped(f"is {w}x{h} pixels, above the limit of {max_pixels / 1e6:g} megapixels; refused")

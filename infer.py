@@ -3,19 +3,19 @@
     python3 infer.py --images photos/ me.jpg      # the shipped default model
     python3 infer.py --checkpoint checkpoint/RUN/vgg2_0_2_best.pth -d synthetic
     python3 infer.py --checkpoint checkpoint/RUN/vgg2_4_2_conv3_best.pth -d data/fer2013.csv --tta tencrop
-    python3 infer.py --checkpoint run1/vgg2_2_2_best.pth run2/vgg2_0_2_best.pth -d data/fer2013.csv
-    python3 infer.py --checkpoint checkpoint/RUN/vgg2_0_2_best.pth --images photos/ me.jpg
+    python3 infer.py --checkpoint run1/vgg2_2_2_best.pth run2/vgg2_0_2_best.pth --images photos/
     python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv5.pth --video interview.mp4 clips/
     python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv5.pth --video 0   # a camera, until Ctrl-C
 
 Without --checkpoint the shipped default, pretrained/fer2013_vgg2_4_2_conv5.pth, is used; several
-checkpoints make an ensemble (probabilities averaged). This file is the command line only: it
-dispatches to report.py (a labelled split: metrics.json, predictions.csv, confusion matrices,
-faces and their grid, in a new folder), photos.py (--images: annotated copies, faces.csv,
-faces.json), video.py (--video: per video frames.csv, annotated.mp4, timeline.png,
-summary.json), explain.py (--explain: Grad-CAM maps) and checkpoint.py / onnx_model.py
-(--export). README "Using a model" describes every file they write.
+checkpoints make an ensemble. This file is the command line only: it dispatches to report.py
+(-d: a labelled split), photos.py (--images), video.py (--video), explain.py (--explain) and
+checkpoint.py / onnx_model.py (--export). README "Inference" describes every file they write.
 """
+if __name__ == "__main__":  # Ctrl-C while the imports load (a second or more) just ends the
+    import signal  # process, without a traceback; utils.run_cli makes it KeyboardInterrupt again
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import os
 import sys
 import time
@@ -32,18 +32,19 @@ import predict
 import report
 import video
 from utils import (DEFAULT_CSV, EMOTIONS, SPLITS, Parser, UserError, autocast_dtype, check_writable,
-                   device_flags, emotion_index, flag, new_folder, run_cli, select_device)
+                   device_flags, emotion_index, flag, new_folder, path_arg, printable, run_cli, select_device)
 
 
 def default_output_dir(paths, kind="report", split="test"):
     """Where results go without -o, two levels deep: outputs/photos_<time> or outputs/video_<time>
     (`kind`; each call its own folder); a split report goes to outputs/<checkpoint's folder>_
-    <checkpoint name>_<split> (ensembles: outputs/ensemble_<a+b>_<split>)."""
+    <checkpoint name>_<split> (ensembles: outputs/ensemble_<a+b>_<split>). Names that are not
+    UTF-8 are made printable (OpenCV cannot write a video into a folder so named)."""
     if kind != "report":
         return os.path.join("outputs", time.strftime(f"{kind}_%Y%m%d-%H%M%S"))
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    stems = [printable(os.path.splitext(os.path.basename(p))[0]) for p in paths]
     if len(paths) == 1:
-        name = f"{os.path.basename(os.path.dirname(os.path.abspath(paths[0])))}_{stems[0]}"
+        name = f"{printable(os.path.basename(os.path.dirname(os.path.abspath(paths[0]))))}_{stems[0]}"
     else:
         name = "ensemble_" + "+".join(stems)[:120]
     return os.path.join("outputs", f"{name}_{split}")
@@ -55,20 +56,20 @@ def get_args_parser():
                            "your photos and videos.",
                epilog="examples:\n" + __doc__.split("\n\n")[1])
     g = p.add_argument_group("model")
-    flag(g, "--checkpoint", "-c", nargs="+", default=[predict.DEFAULT_CHECKPOINT], metavar="PATH",
+    flag(g, "--checkpoint", "-c", nargs="+", type=path_arg, default=[predict.DEFAULT_CHECKPOINT], metavar="PATH",
          help="checkpoint file(s) (.pth or .onnx, or a run folder with one *_best.pth); several "
               "make an ensemble whose probabilities are averaged (default: the shipped "
               "pretrained/fer2013_vgg2_4_2_conv5.pth)")
     flag(g, "--tta", choices=predict.TTA_MODES, default="none",
          help="test-time augmentation: flip (mirror) or tencrop (corners, centre, mirrors); the "
               "result without it is reported too (default: none)")
-    flag(g, "--export", metavar="FILE",
+    flag(g, "--export", type=path_arg, metavar="FILE",
          help="write an inference-only copy of the checkpoint to FILE, then stop: FILE.onnx an fp32 "
               "ONNX model (dynamic batch, normalisation inside; needs onnxscript), any other name "
               "the small PyTorch file (fp16 weights, no optimiser state)")
 
     g = p.add_argument_group("split report")
-    flag(g, "-d", "--dataset", default=None,
+    flag(g, "-d", "--dataset", type=path_arg, default=None,
          help="FER2013-layout CSV, or 'synthetic' (default: the data set the checkpoint was trained "
               f"on, else {DEFAULT_CSV}; with --images or --video a split is evaluated only when -d "
               "is given)")
@@ -80,7 +81,7 @@ def get_args_parser():
          help="drop malformed CSV rows (with a warning that counts them)")
 
     g = p.add_argument_group("photos and videos")
-    flag(g, "--images", nargs="+", metavar="PATH",
+    flag(g, "--images", nargs="+", type=path_arg, metavar="PATH",
          help="photos or folders of photos to classify (every format OpenCV reads)")
     flag(g, "--no_detect", dest="detect", action="store_false",
          help="with --images: each image is one already-cropped face (no face detection)")
@@ -91,7 +92,7 @@ def get_args_parser():
     flag(g, "--strictness", choices=("low", "normal", "high"), default=None,
          help=f"how sure the detector must be: high finds fewer false faces, low more real ones "
               f"(default: {faces.PHOTO_STRICTNESS} for photos, {faces.VIDEO_STRICTNESS} for video frames)")
-    flag(g, "--video", nargs="+", metavar="PATH|INDEX",
+    flag(g, "--video", nargs="+", type=path_arg, metavar="PATH|INDEX",
          help="video files, folders of videos, or camera numbers (0: the first camera, until "
               "Ctrl-C): per-frame emotions of tracked faces, an annotated video, a timeline")
     flag(g, "--every", type=int, default=1, metavar="N",
@@ -121,7 +122,7 @@ def get_args_parser():
               f"({', '.join(EMOTIONS)})")
 
     g = p.add_argument_group("output and hardware")
-    flag(g, "-o", "--output", default=None,
+    flag(g, "-o", "--output", type=path_arg, default=None,
          help="output folder (default: outputs/photos_<time> or outputs/video_<time>; for a split "
               "outputs/<checkpoint folder>_<checkpoint name>_<split>)")
     flag(g, "--batch_size", type=int, default=None,
@@ -148,12 +149,13 @@ def check_flags(parser, args):
                                            ("--no_smooth", not args.smooth)) if used]
     if video_flags and args.video is None:
         parser.error(f"{', '.join(video_flags)} apply to --video only")
-    if args.export and len(args.checkpoint) != 1:
+    if args.export is not None and len(args.checkpoint) != 1:
         parser.error("--export takes one checkpoint")
 
 
 def export(source, target):
-    """--export: an inference-only copy of one checkpoint (fp16 .pth, or .onnx)."""
+    """--export: an inference-only copy of one checkpoint (fp16 .pth, or .onnx); an existing
+    target is replaced only when it is an earlier export (checkpoint.check_export_target)."""
     size = os.path.getsize(checkpoint.export(source, target)) / 2**20
     kind = f"ONNX, opset {onnx_model.OPSET}, fp32, dynamic batch" if onnx_model.is_onnx(target) else "fp16 PyTorch"
     print(f"wrote {target} ({size:.1f} MiB, {kind})")
@@ -209,7 +211,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_flags(parser, args)
     paths = [checkpoint.resolve(p) for p in args.checkpoint]
-    if args.export:
+    if args.export is not None:
         export(paths[0], args.export)
         return 0
     explaining = args.explain or args.explain_class is not None

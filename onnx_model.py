@@ -65,6 +65,17 @@ def export(model, path, metadata=None):
     return path
 
 
+def exported_here(path):
+    """Whether `path` is an ONNX file that this tool exported (its metadata says so)."""
+    onnx = _import("onnx", "--export to .onnx")
+    try:
+        with open(path, "rb") as f:
+            proto = onnx.load_model_from_string(f.read())
+    except Exception:  # not ONNX at all
+        return False
+    return any(p.key == "format" and p.value == FORMAT for p in proto.metadata_props)
+
+
 class OnnxModel(torch.nn.Module):
     """An exported file run by onnxruntime on the CPU, where infer.predict takes a model: it has a
     `name`, eval(), and model(faces) -> logits as a tensor on the faces' device.
@@ -82,8 +93,11 @@ class OnnxModel(torch.nn.Module):
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: no warnings about unused initialisers
-        try:
-            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        try:  # from bytes read here: onnxruntime takes no path that is not UTF-8
+            with open(path, "rb") as f:
+                self.session = ort.InferenceSession(f.read(), options, providers=["CPUExecutionProvider"])
+        except OSError as err:
+            raise UserError(f"{path} cannot be read ({err.strerror or err})") from err
         except Exception as err:  # onnxruntime raises its own types for bad files
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise UserError(f"{path} is damaged or is not an ONNX model ({first})") from err
@@ -101,6 +115,23 @@ class OnnxModel(torch.nn.Module):
                             f"classes are {', '.join(EMOTIONS)}, so the file is refused")
         self.name = self.metadata["model_name"]
         self.path = path
+        self.check_answers()
+
+    def check_answers(self):
+        """One made-up face through the graph: an input or output of another shape, or weights
+        that are not finite, are refused now rather than in the middle of a report."""
+        try:
+            logits = self(torch.full((1, 1, SIDE, SIDE), 0.5))
+        except Exception as err:  # onnxruntime's own types
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise UserError(f"{self.path} does not take faces (N, 1, {SIDE}, {SIDE}) as this tool "
+                            f"exports them ({first})") from err
+        if tuple(logits.shape) != (1, len(EMOTIONS)):
+            raise UserError(f"{self.path} gives {tuple(logits.shape)} values for one face, not "
+                            f"{len(EMOTIONS)} class scores; refused")
+        if not bool(logits.isfinite().all()):
+            raise UserError(f"{self.path} gives scores that are not finite for a face (NaN or "
+                            "infinity: weights from a run that diverged?); refused")
 
     def forward(self, x):
         faces = x.detach().to("cpu", torch.float32).contiguous().numpy()

@@ -11,7 +11,7 @@ import numpy as np
 
 from faces import (IMAGE_EXTENSIONS, Skipped, WholePicture, annotate, face_detector, find_faces,
                    find_images, read_image, warn, write_image)
-from utils import EMOTIONS, UserError, atomic_write, save_json
+from utils import EMOTIONS, UserError, atomic_write, printable, save_json
 
 # The faces of up to this many photos (fewer when they hold more pixels) go through the model in
 # one batch: one forward pass per photo made folders of small faces 3x slower.
@@ -32,7 +32,9 @@ def unique_name(name, used):
 
 
 def photo_rows(path, boxes, probs, factor, class_names, annotated):
-    """faces.csv rows of one photo: one per face (box in the file's own pixels), or one 'no face'."""
+    """faces.csv rows of one photo: one per face (box in the file's own pixels), or one 'no face'.
+    Paths are printable (utils.printable): a name that is not UTF-8 must not lose the table."""
+    path, annotated = printable(path), printable(annotated)
     if not boxes:
         return [{"file": path, "face": None, "x": None, "y": None, "w": None, "h": None,
                  "emotion": "no face", "confidence": None,
@@ -75,6 +77,13 @@ class Results:
     processed: int = 0
 
 
+def skip(skipped, path, reason, shown=True):
+    """Note an input that is passed over in `skipped` (faces.json), and in a warning if `shown`."""
+    if shown:
+        warn(f"{printable(path)} {reason}; skipped")
+    skipped.append({"file": printable(path), "reason": reason})
+
+
 def classify_photos(inputs, predict_faces, out_dir, detector=None, log=print, keep_crops=False):
     """Find, crop and classify the faces in photos (files or folders); write annotated copies
     under out_dir/annotated/ and faces.csv / faces.json (boxes x, y, w, h in the pixels of the
@@ -86,52 +95,69 @@ def classify_photos(inputs, predict_faces, out_dir, detector=None, log=print, ke
     the faces (faces.DETECTORS; default Haar; faces.WholePicture() for already-cropped faces).
     Returns {"processed": n, "skipped": [{file, reason}], "faces": [...], csv, json, ...}, and with
     `keep_crops` "crops": [(annotated copy's path, its face crops, their probabilities)] (for
-    Grad-CAM maps); raises UserError when not a single image could be processed."""
-    from tqdm import tqdm
+    Grad-CAM maps); raises UserError when not a single image could be processed. A Ctrl-C or
+    SIGTERM writes the tables of the photos done so far ("interrupted": true), then is raised
+    again."""
     entries, skipped = usable_inputs(inputs)
     detector = detector or face_detector()
     detect = not isinstance(detector, WholePicture)
-    results, pending, pixels = Results(out_dir, keep_crops), [], 0
+    results, stop = Results(out_dir, keep_crops), None
+    try:
+        classify_all(entries, predict_faces, detector, results, skipped)
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the tables still cover the photos done
+        stop = err
+    if results.processed == 0:
+        if stop is not None:
+            raise stop
+        what = f"none of the {len(entries)} image files" if entries else "no image files were found"
+        raise UserError(f"nothing could be processed: {what}"
+                        f"{' could be read' if entries else ''} in {', '.join(map(printable, map(str, inputs)))}")
+    faces = write_faces_table(results.rows, EMOTIONS, out_dir)
+    result = {"processed": results.processed, "skipped": skipped, "detect": detect,
+              "interrupted": stop is not None, "class_names": list(EMOTIONS), "faces": faces}
+    save_json(result, os.path.join(out_dir, "faces.json"))
+    say_results(results, len(skipped), detect, log)
+    if stop is not None:
+        warn(f"interrupted after {results.processed} of {len(entries)} photo(s): faces.csv and "
+             "faces.json cover those")
+        raise stop
+    return dict(result, csv=os.path.join(out_dir, "faces.csv"), json=os.path.join(out_dir, "faces.json"),
+                annotated_dir=os.path.join(out_dir, "annotated"), crops=results.kept)
+
+
+def classify_all(entries, predict_faces, detector, results, skipped):
+    """Read each photo and find its faces; classify them PHOTO_BATCH photos (or BATCH_PIXELS) at
+    a time (finish_batch). Photos that cannot be read are added to `skipped`."""
+    from tqdm import tqdm
+    pending, pixels = [], 0
     for path, name in tqdm(entries, desc="photos", unit="image", disable=len(entries) < 2,
                            file=sys.stderr, dynamic_ncols=True):
         try:
             image, factor, note = read_image(path)
         except Skipped as why:
-            warn(f"{path} {why}; skipped")
-            skipped.append({"file": path, "reason": str(why)})
+            skip(skipped, path, str(why))
             continue
         if note:
-            warn(f"{path} {note}")
+            warn(f"{printable(path)} {note}")
         pending.append((path, name, image, factor, *find_faces(image, detector)))
         pixels += image.size
         if len(pending) >= PHOTO_BATCH or pixels >= BATCH_PIXELS:
             finish_batch(pending, predict_faces, results)
             pending, pixels = [], 0
     finish_batch(pending, predict_faces, results)
-    if results.processed == 0:
-        what = f"none of the {len(entries)} image files" if entries else "no image files were found"
-        raise UserError(f"nothing could be processed: {what}"
-                        f"{' could be read' if entries else ''} in {', '.join(map(str, inputs))}")
-    faces = write_faces_table(results.rows, EMOTIONS, out_dir)
-    result = {"processed": results.processed, "skipped": skipped, "detect": detect,
-              "class_names": list(EMOTIONS), "faces": faces}
-    save_json(result, os.path.join(out_dir, "faces.json"))
-    say_results(results, len(skipped), detect, log)
-    return dict(result, csv=os.path.join(out_dir, "faces.csv"), json=os.path.join(out_dir, "faces.json"),
-                annotated_dir=os.path.join(out_dir, "annotated"), crops=results.kept)
 
 
 def usable_inputs(inputs):
     """find_images' ([(path, output name)], [{file, reason}] passed over), the latter named in
     warnings (the first few of a folder's non-images, then a count)."""
     entries, passed_over = find_images(inputs)
+    skipped = []
     for path, reason, shown in passed_over:
-        if shown:
-            warn(f"{path} {reason}; skipped")
+        skip(skipped, path, reason, shown)
     hidden = sum(not shown for _, _, shown in passed_over)
     if hidden:
         warn(f"{hidden} more files that are not images; skipped")
-    return entries, [{"file": path, "reason": reason} for path, reason, _ in passed_over]
+    return entries, skipped
 
 
 def finish_batch(pending, predict_faces, results):
@@ -143,15 +169,16 @@ def finish_batch(pending, predict_faces, results):
     else:
         probs = [np.zeros((0, len(EMOTIONS)))] * len(pending)
     for (path, name, image, factor, boxes, face_crops), p in zip(pending, probs):
-        target = os.path.join(results.out_dir, "annotated", unique_name(name, results.names))
+        # The copy takes the printable name, so that faces.csv names it as it is on disk.
+        target = os.path.join(results.out_dir, "annotated", unique_name(printable(name), results.names))
         if results.keep_crops and boxes:
             results.kept.append((target, face_crops, p))
-        results.rows += photo_rows(path, boxes, p, factor, EMOTIONS, target)
         labels = [(box, EMOTIONS[int(q.argmax())], float(q.max())) for box, q in zip(boxes, p)]
         try:
             write_image(target, annotate(image, labels))
         except OSError as err:
             warn(f"{target}: could not write the annotated copy ({err})")
+        results.rows += photo_rows(path, boxes, p, factor, EMOTIONS, target)
         results.processed += 1
 
 

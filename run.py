@@ -4,7 +4,12 @@ This file is the one place that decides when to validate, stop and save (train.p
 steps, checkpoint.py the files): torchvision's classification reference drives its
 train_one_epoch the same way.
 """
+if __name__ == "__main__":  # Ctrl-C while the imports load (a second or more) just ends the
+    import signal  # process, without a traceback; utils.run_cli makes it KeyboardInterrupt again
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
+import contextlib
 import csv
 import glob
 import io
@@ -23,7 +28,7 @@ import report
 import train
 from models import MODEL_NAMES, build_model
 from utils import (DEFAULT_CSV, EMOTIONS, Parser, UserError, atomic_write, autocast_dtype, clip, check_writable, device_flags, flag,
-                   eval_batch_size, file_sha256, one_of, reuse_freed_memory, run_cli, save_figure, save_json,
+                   eval_batch_size, file_sha256, one_of, path_arg, reuse_freed_memory, run_cli, save_figure, save_json,
                    seed_everything, select_device)
 
 DEFAULT_MODEL = "vgg2_4_2_conv3"
@@ -54,7 +59,7 @@ def get_args_parser():
     p = Parser(prog="run.py", description="Train a VGG11-prefix facial-emotion model on FER2013, then test it.",
                epilog=EXAMPLES)
     g = p.add_argument_group("data")
-    flag(g, "-d", "--dataset", default=DEFAULT_CSV,
+    flag(g, "-d", "--dataset", type=path_arg, default=DEFAULT_CSV,
          help="FER2013 CSV (.csv/.gz/.xz/.zip), or 'synthetic' for the built-in faces "
               "(default: %(default)s)")
     flag(g, "--skip_bad_rows", action="store_true", help="drop malformed CSV rows (with a warning)")
@@ -69,13 +74,14 @@ def get_args_parser():
     add_recipe_flags(p)
 
     g = p.add_argument_group("checkpoints and outputs")
-    flag(g, "--checkpoint", default=None, metavar="FILE",
+    flag(g, "--checkpoint", type=path_arg, default=None, metavar="FILE",
          help="resume this run (a *_last.pth file, or the run's folder)")
-    flag(g, "--init_from", default=None, metavar="FILE",
+    flag(g, "--init_from", type=path_arg, default=None, metavar="FILE",
          help="start a new run (-m) from the weights in this checkpoint or export (fine-tuning)")
-    flag(g, "--checkpoint_dir", default="./checkpoint",
+    flag(g, "--checkpoint_dir", type=path_arg, default="./checkpoint",
          help="folder for the run folders of checkpoints (default: %(default)s)")
-    flag(g, "-o", "--output", default="./outputs", help="folder for outputs (default: %(default)s)")
+    flag(g, "-o", "--output", type=path_arg, default="./outputs",
+         help="folder for outputs (default: %(default)s)")
     flag(g, "--run_name", default=None, help="name of the run folders (default: MODEL_TIME)")
     flag(g, "--num_save", type=int, default=16, help="test faces saved as images (default: 16)")
 
@@ -133,7 +139,7 @@ def add_recipe_flags(p):
          help="validate every N training steps instead (default: 0, off)")
 
     g = p.add_argument_group("distillation")
-    flag(g, "--teacher", nargs="+", default=None, metavar="FILE",
+    flag(g, "--teacher", nargs="+", type=path_arg, default=None, metavar="FILE",
          help="distil from these trained models (checkpoints or exports, .pth): the student also "
               "learns their averaged softened probabilities on the same augmented faces")
     # Defaults from Hinton et al. 2015 as used by the CRD benchmark's KD baseline (Tian et al.,
@@ -201,6 +207,9 @@ def resolve_run(parser, argv):
     """Parse the command line into (args, checkpoint to resume or None, checkpoint to start from
     or None). `-m MODEL --checkpoint FILE`, the old spelling of --init_from, is still understood."""
     args = parser.parse_args(argv)
+    if args.run_name is not None and not plain_name(args.run_name):
+        raise UserError(f"--run_name {args.run_name!r} is not a plain folder name (no folders, not "
+                        "'.' or '..', not empty): a run's folders are made inside --checkpoint_dir and -o")
     if args.checkpoint and os.path.isdir(args.checkpoint):
         if glob.glob(os.path.join(args.checkpoint, "*_last.pth")):
             args.checkpoint = checkpoint.resolve(args.checkpoint, "last")  # a run folder: resume its run
@@ -322,37 +331,51 @@ def setup_distributed(device_name):
 
 
 def claim_run_folder(ckpt_dir, resuming, model_name):
-    """Own a run folder for this process: a lock file with our pid, refused while a live process
-    holds it; a new run never reuses the folder of an earlier one; temporary files that a killed
-    save left behind are removed. Returns the lock file's path (removed at the end)."""
-    os.makedirs(ckpt_dir, exist_ok=True)
-    lock = os.path.join(ckpt_dir, ".lock")
+    """Own a run folder for this process (lock_file), refused while another process holds it; a
+    new run never reuses the folder of an earlier one; temporary files that a killed save left
+    behind are removed. Returns the open lock file (release() removes it)."""
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        try:
-            pid = int(open(lock).read().strip() or 0)
-            if pid <= 0:
-                raise ValueError("no process named")  # a lock whose write was cut short
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError):  # a dead owner's lock: take it over
-            os.remove(lock)
-            return claim_run_folder(ckpt_dir, resuming, model_name)
-        except PermissionError:
-            pass  # alive, owned by someone else
-        raise UserError(f"another run (process {pid}) is using {ckpt_dir}; wait for it to end, or "
-                        "pick another --run_name") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    if not resuming and glob.glob(os.path.join(ckpt_dir, "*.pth")):
-        os.remove(lock)
-        last = glob.glob(os.path.join(ckpt_dir, f"{model_name}_last.pth"))
+        os.makedirs(ckpt_dir, exist_ok=True)
+        lock = lock_file(os.path.join(ckpt_dir, ".lock"))
+    except OSError as err:
+        raise UserError(f"cannot write to {ckpt_dir}: {err.strerror or err}") from err
+    if not resuming and glob.glob(os.path.join(glob.escape(ckpt_dir), "*.pth")):
+        release({"lock": [lock], "new": [], "ckpt": ckpt_dir})
+        last = glob.glob(os.path.join(glob.escape(ckpt_dir), f"{model_name}_last.pth"))
         hint = (f"resume it with: python3 run.py --checkpoint {last[0]}, or pick another --run_name" if last
                 else "pick another --run_name")
         raise UserError(f"{ckpt_dir} already holds a run; {hint}")
-    for stale in glob.glob(os.path.join(ckpt_dir, ".tmp-*")):
+    for stale in glob.glob(os.path.join(glob.escape(ckpt_dir), ".tmp-*")):
         os.remove(stale)  # we hold the lock: no live process is writing these
     return lock
+
+
+def lock_file(path):
+    """The file at `path`, open and exclusively locked (flock), with our pid written in it for
+    others' messages; a UserError naming the owner while another process holds it. The kernel
+    drops the lock when its process dies, however it dies (a killed run's folder is free again),
+    and a run that has not yet written its pid is never taken for a dead one."""
+    import fcntl
+    while True:
+        f = open(path, "a+")  # created if missing, never emptied here
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip()
+            f.close()
+            raise UserError(f"another run{f' (process {owner})' if owner.isdigit() else ''} is using "
+                            f"{os.path.dirname(path)}; wait for it to end, or pick another --run_name") from None
+        try:
+            same = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            f.truncate(0)  # "a+" writes at the end: now the start
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            return f
+        f.close()  # its owner removed it (as it ended) between our open and our lock: again
 
 
 def write_history(history, out_dir):
@@ -418,7 +441,7 @@ class Run:
 def main(argv):
     """Train to the next validation, validate, decide, save; then test the best on PrivateTest."""
     args, resume, init = resolve_run(get_args_parser(), argv)
-    folders = {"new": [], "lock": []}  # the run's folders this command created, and its lock
+    folders = {"new": [], "lock": [], "ckpt": None}  # what this command created and holds (release)
     try:
         run = prepare(args, resume, init, folders)
         if run is None:
@@ -452,13 +475,11 @@ def main(argv):
                     ended = f"stopped by {stopped}"
                     break
         return finish(run, ended, total_steps)
+    except train.Diverged as err:
+        kept = checkpoint.kept_note(os.path.dirname(run.paths["last"]))
+        raise UserError(f"{err} and {kept}. Try a lower --lr.") from None
     finally:
-        for lock in folders["lock"]:
-            if os.path.exists(lock):
-                os.remove(lock)
-        for folder in folders["new"]:  # a run that failed before its first save leaves no folders
-            if os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
+        release(folders)
 
 
 def prepare(args, resume, init, folders):
@@ -475,9 +496,10 @@ def prepare(args, resume, init, folders):
     paths = {kind: os.path.join(ckpt_dir, f"{args.model}_{kind}.pth") for kind in ("best", "last")}
     if resume is not None and finished(args, resume, out_dir):
         return None
-    folders["new"] += [f for f in (ckpt_dir, out_dir) if not os.path.exists(f)]
+    folders.update(new=missing_folders(ckpt_dir) + missing_folders(out_dir), ckpt=ckpt_dir)
     if rank == 0:
         folders["lock"].append(claim_run_folder(ckpt_dir, resume is not None, args.model))
+        check_outputs(out_dir, resume is not None)
         check_writable(out_dir)
     reuse_freed_memory(device)  # each step's large activations reuse memory, not fault it in again
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -498,7 +520,7 @@ def prepare(args, resume, init, folders):
     else:
         model, used_imagenet = build_model(args.model, "no" if resume is not None else args.pretrained)
     parts = training_parts(model, args, splits["train"][1], device, teachers, world)
-    state = restore(parts, resume, rank) if resume is not None else checkpoint.TrainState()
+    state = restore(parts, resume, rank, args.checkpoint) if resume is not None else checkpoint.TrainState()
     if args.amp and parts.amp_dtype is None:
         log(f"note: --amp needs CUDA or a CPU with bf16 support; training in fp32 on {device.type}")
     parts.model = wrap_model(parts.model, args, device, world)
@@ -529,18 +551,63 @@ def finished(args, resume, out_dir):
     return True
 
 
-def restore(parts, resume, rank):
-    """Load a resumed run's weights, optimiser, scaler, average and RNG; returns its TrainState."""
-    parts.model.load_state_dict(resume["model_state"])
-    parts.optimizer.load_state_dict(resume["optimizer_state"])
-    if parts.scaler is not None and resume.get("scaler_state"):
-        parts.scaler.load_state_dict(resume["scaler_state"])
-    if parts.ema is not None and resume.get("ema_state") is not None:
-        parts.ema.module.load_state_dict(resume["ema_state"])
-        parts.ema.n_averaged.fill_(resume["ema_updates"])
-    rng = resume["rng"]
-    train.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+def check_outputs(out_dir, resuming):
+    """A new run never writes over another run's outputs: the same --run_name and -o with another
+    --checkpoint_dir would replace its arguments, history and test results. A resumed run writes on."""
+    found = [f for f in ("args.json", "history.json") if os.path.exists(os.path.join(out_dir, f))]
+    if found and not resuming:
+        raise UserError(f"{out_dir} already holds the outputs of another run ({', '.join(found)}); "
+                        "pick another --run_name or -o")
+
+
+def missing_folders(path):
+    """`path` and those of its parent folders that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def release(folders):
+    """Give back what prepare() took: the run folder's lock, and the folders it made when the run
+    saved no checkpoint (a run that fails before its first save leaves none, not its args.json)."""
+    for lock in folders["lock"]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock.name)  # while still holding it: see claim_run_folder
+        lock.close()
+    saved = folders["ckpt"] and glob.glob(os.path.join(glob.escape(folders["ckpt"]), "*.pth"))
+    for folder in folders["new"]:
+        if not saved and os.path.isdir(folder) and os.listdir(folder) == ["args.json"]:
+            os.remove(os.path.join(folder, "args.json"))
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+
+
+def restore(parts, resume, rank, path):
+    """Load a resumed run's weights, optimiser, scaler, average and RNG from the checkpoint at
+    `path`; returns its TrainState. Parts that do not fit are a one-line UserError naming it."""
+    try:
+        checkpoint.load_weights(parts.model, resume["model_state"], path)  # UserErrors of its own
+        if parts.ema is not None and resume.get("ema_state") is not None:
+            checkpoint.load_weights(parts.ema.module, resume["ema_state"], path)
+            parts.ema.n_averaged.fill_(resume["ema_updates"])
+        parts.optimizer.load_state_dict(resume["optimizer_state"])
+        if parts.scaler is not None and resume.get("scaler_state"):
+            parts.scaler.load_state_dict(resume["scaler_state"])
+        rng = resume["rng"]
+        train.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"{path}: its optimiser, loss scaler or random-number state does not fit "
+                        f"this run ({first}); the file is damaged or was edited") from err
     return resume["train_state"]
+
+
+def plain_name(name):
+    """Whether `name` names a folder directly inside another: no separators, not '', '.', '..'."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name
+            and not (os.altsep and os.altsep in name))
 
 
 def run_folders(args, resume, world):
@@ -548,7 +615,7 @@ def run_folders(args, resume, world):
     outputs always under this command's -o. Sets args.run_name."""
     if resume is not None:
         run_name = resume["run_name"]
-        if not isinstance(run_name, str) or run_name in ("", ".", "..") or os.path.basename(run_name) != run_name:
+        if not plain_name(run_name):
             raise UserError(f"{args.checkpoint} names its run {clip(run_name, 100)!r}, which is not a "
                             "plain folder name; refused (a checkpoint never chooses where a run writes)")
         ckpt_dir = os.path.dirname(os.path.abspath(args.checkpoint))

@@ -191,10 +191,13 @@ class StopRequest:
         return False
 
 
+class Diverged(UserError):
+    """The loss stopped being a finite number; run.main says what the run folder still holds."""
+
+
 def check_finite(loss, step, lr):
     if not math.isfinite(loss):
-        raise UserError(f"the loss became {loss} by step {step} (learning rate {lr:.3g}); "
-                        "training stopped and the last good checkpoints were kept. Try a lower --lr.")
+        raise Diverged(f"the loss became {loss} by step {step} (learning rate {lr:.3g}); training stopped")
 
 
 def train_steps(parts, batches, state, args, until, stop, show_progress=True):

@@ -8,8 +8,10 @@ import json
 import shutil
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 
 # The one definition of FER2013's classes, face size, default file and splits.
@@ -24,12 +26,34 @@ class UserError(Exception):
     """A mistake the user can fix (path, flag, data, checkpoint): shown as one message, exit 2."""
 
 
+class DiskFull(UserError):
+    """A write failed because the disk is full; the message says what was kept."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it ends as after a Ctrl-C: files finished,
+    locks released (run.py's training loop turns both into a polite stop instead)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run_cli(main, argv=None):
     """Run main(argv); user mistakes end in one clear message and a non-zero exit.
 
-    `--debug` anywhere on the command line shows the full traceback instead."""
+    `--debug` anywhere on the command line shows the full traceback instead. Ctrl-C and SIGTERM
+    end in one line too (exit 130 and 143), after the `finally` blocks have run."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        # The scripts ignore Ctrl-C's traceback while their imports load (SIG_DFL); from here on
+        # it is Python's KeyboardInterrupt again, and SIGTERM joins it.
+        handlers = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                    signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
+    if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8 never stops a message
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return main(argv)
     except UserError as err:
@@ -37,19 +61,42 @@ def run_cli(main, argv=None):
             traceback.print_exc()
         print(f"error: {clip(err, 2000)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        print("\ninterrupted" + (" (SIGTERM)" if isinstance(err, Terminated) else ""), file=sys.stderr)
+        sys.exit(143 if isinstance(err, Terminated) else 130)
     except Exception as err:  # a bug or an unexpected environment: short message, traceback on demand
         if debug:
             raise
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            where = f" while writing {err.filename}" if err.filename else ""
+        name = getattr(err, "filename", None)
+        if full_disk(err):
+            where = f" while writing {name}" if name else ""
             print(f"error: the disk is full (no space left on device){where}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(err, OSError) and name and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            # A file or folder the user can fix (read-only, not theirs) that no earlier check caught.
+            print(f"error: {name}: {err.strerror}", file=sys.stderr)
             sys.exit(2)
         print(f"error: {type(err).__name__}: {clip(err, 2000)}\n(run again with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(1)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def printable(path):
+    """A path as text that can always be written (into a CSV, JSON or message): bytes of the name
+    that are not UTF-8, which Python keeps as surrogate escapes, become `\\xff`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def is_utf8(path):
+    """Whether a path's bytes are UTF-8: OpenCV's file functions crash on names that are not."""
+    try:
+        os.fsencode(path).decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def clip(text, limit=300):
@@ -89,6 +136,14 @@ def flag(group, *names, **kwargs):
     return group.add_argument(*spellings, **kwargs)
 
 
+def path_arg(value):
+    """An argparse type for paths: an empty string names nothing (os.path.join would take it for
+    the current folder), so it is refused."""
+    if not value:
+        raise argparse.ArgumentTypeError("an empty path names no file or folder")
+    return value
+
+
 def device_flags(group):
     """--device and --amp, the same for training and inference."""
     flag(group, "--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
@@ -111,10 +166,15 @@ def one_of(choices, what):
     return check
 
 
-def _full_disk(folder, err):
-    """Whether a failed write means the disk is full (torch.save says so only as a RuntimeError)."""
+def full_disk(err, folder=None):
+    """Whether a failed write means the disk is full (torch.save says so only as a RuntimeError,
+    so `folder`'s free space decides then)."""
+    if isinstance(err, DiskFull):
+        return True
     if isinstance(err, OSError):
         return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if folder is None:
+        return False
     try:
         return shutil.disk_usage(folder).free < 16 * 2**20
     except OSError:
@@ -141,8 +201,8 @@ def atomic_write(path, write):
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(err, (OSError, RuntimeError)) and _full_disk(folder, err):
-            raise UserError(f"the folder {folder} is full (no space left on device): could not write "
+        if isinstance(err, (OSError, RuntimeError)) and full_disk(err, folder):
+            raise DiskFull(f"the folder {folder} is full (no space left on device): could not write "
                             f"{os.path.basename(path)}; the files already there are intact") from err
         raise
 

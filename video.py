@@ -15,7 +15,7 @@ import numpy as np
 
 from faces import (EARLIER_OUTPUT, EMOTION_COLOURS, IMAGE_EXTENSIONS, VIDEO_STRICTNESS, Skipped, annotate,
                    crop_face, face_detector, overlap, walk_inputs, warn)
-from utils import EMOTIONS, UserError, save_figure, save_json
+from utils import EMOTIONS, DiskFull, UserError, full_disk, is_utf8, printable, save_figure, save_json
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv",
                     ".flv", ".3gp", ".ts", ".mts", ".m2ts", ".ogv")
@@ -74,6 +74,8 @@ def open_video(source):
     import cv2  # the reason is said here in one line (read once, before the first video is opened)
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     camera = isinstance(source, int)
+    if not camera and not is_utf8(source):  # OpenCV crashes on such names
+        raise Skipped("has a path that is not valid UTF-8, which OpenCV cannot open: rename it")
     if not camera:
         try:
             if os.path.getsize(source) == 0:
@@ -218,6 +220,7 @@ class Progress:
     stopped: str = None  # why reading stopped short of the announced end
     started: float = field(default_factory=time.monotonic)
     timing: dict = field(default_factory=lambda: dict.fromkeys(("read", "detect", "classify", "write"), 0.0))
+    annotated: bool = False  # whether annotated.mp4 is being (or was) written whole
     with_faces: int = 0  # analysed frames that had faces
     cuts: list = field(default_factory=list)  # times (s) of the shot cuts found
     kept: list = field(default_factory=list)  # (frame name, crops, probabilities), see keep_every
@@ -295,12 +298,20 @@ def classify_video(source, name, predict_faces, out_dir, settings=None, detector
     detector = detector or face_detector(side=VIDEO_DETECT_SIDE, strictness=VIDEO_STRICTNESS)
     cap, fps, announced = open_video(source)
     progress = Progress(source, name, fps, announced)
+    stop = full = None
     try:
         analyse_frames(cap, progress, predict_faces, out_dir, settings, detector, log)
-    except KeyboardInterrupt:
-        progress.interrupted = True
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (utils.Terminated)
+        stop, progress.interrupted = err, True
+    except (OSError, UserError) as err:
+        if not full_disk(err):
+            raise
+        full = err
     finally:
         cap.release()
+    progress.annotated = progress.annotated and readable_video(os.path.join(out_dir, "annotated.mp4"))
+    if full is not None:
+        raise disk_full(out_dir, progress) from full
     if progress.analysed == 0 and not progress.interrupted:
         os.remove(os.path.join(out_dir, "frames.csv"))  # nothing but its header
         with contextlib.suppress(OSError):
@@ -311,17 +322,46 @@ def classify_video(source, name, predict_faces, out_dir, settings=None, detector
         progress.stopped = (f"stopped at frame {last[0]} ({last[1]:.2f} s) of the {announced} its "
                             "header announces: the rest could not be read (truncated or corrupt file)")
         warn(f"{source} {progress.stopped}; the readable part was processed")
-    summary = finish_video(out_dir, progress, every)
+    try:
+        summary = finish_video(out_dir, progress, every)
+    except DiskFull as err:
+        raise disk_full(out_dir, progress) from err
     log(f"{name}: {progress.analysed} frame(s) analysed ({summary['frames_per_s']:.1f}/s), "
         f"{len(summary['tracks'])} track(s)"
         + "".join(f"; #{t['track']} {t['dominant']} {t['time_on_screen_s']:.1f} s"
-                  for t in summary["tracks"][:5]) + f"; wrote {', '.join(VIDEO_FILES)} to {out_dir}")
+                  for t in summary["tracks"][:5]) + f"; wrote {', '.join(summary['files'])} to {out_dir}")
     if progress.interrupted and not progress.camera:
         where = f"frame {last[0]} ({last[1]:.2f} s)" if last else "its first frame"
         warn(f"interrupted: {source} stopped after {where}; its files cover the {progress.analysed} "
              "frame(s) analysed up to there")
-        raise KeyboardInterrupt
+        raise stop
     return dict(summary, kept=progress.kept)
+
+
+def readable_video(path):
+    """Whether the annotated video at `path` can be read back. OpenCV's writer does not report a
+    failed write (a full disk), and an MP4 cut short has no index: a file that cannot be read is
+    removed (with a warning), so that no one trusts it."""
+    import cv2
+    if not os.path.exists(path):
+        return False
+    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+    readable = cap.isOpened() and cap.read()[0]
+    cap.release()
+    if not readable:
+        os.remove(path)
+        warn(f"{path} could not be finished (is the disk full?); removed")
+    return readable
+
+
+def disk_full(out_dir, progress):
+    """The error for a disk that filled up during a video: which of its files can be trusted."""
+    kept = [f"frames.csv has the rows of the {progress.analysed} frame(s) analysed (its last line may "
+            "be cut short)", "annotated.mp4 is readable" if progress.annotated
+            else "annotated.mp4 could not be finished (removed)"]
+    missing = [f for f in ("timeline.png", "summary.json") if not os.path.exists(os.path.join(out_dir, f))]
+    return DiskFull(f"the folder {out_dir} is full (no space left on device) while writing the results of "
+                    f"{progress.name}: {'; '.join(kept)}" + (f"; {' and '.join(missing)} not written" if missing else ""))
 
 
 def analyse_frames(cap, progress, predict_faces, out_dir, settings, detector, log):
@@ -373,6 +413,7 @@ def analyse_frames(cap, progress, predict_faces, out_dir, settings, detector, lo
                 writer = open_writer(os.path.join(out_dir, "annotated.mp4"), progress.fps / settings.every, size)
                 if writer is not None:
                     stack.callback(writer.release)
+                    progress.annotated = True
             if writer is not None:
                 writer.write(frame if frame.shape[1::-1] == size else cv2.resize(frame, size))
             table.writerows(rows)
@@ -423,8 +464,16 @@ def cut_short(last_index, last_seconds, every, announced, fps):
 
 
 def open_writer(path, fps, size):
-    """A cv2.VideoWriter for MP4 (mp4v) that remembers its frame size, or None (with a warning)."""
+    """A cv2.VideoWriter for MP4 (mp4v), or None (with a warning that says why)."""
     import cv2
+    if min(size) < 2:  # MPEG-4 encodes no 1-pixel side
+        warn(f"{path}: frames of {size[0]}x{size[1]} pixels are too small to encode as MP4; "
+             "no annotated video")
+        return None
+    if not is_utf8(path):  # OpenCV's writer crashes on such names
+        warn(f"{printable(path)}: a folder name in it is not valid UTF-8, which OpenCV cannot write; "
+             "no annotated video (choose another -o)")
+        return None
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), max(fps, 0.1), size)
     if not writer.isOpened():
         warn(f"{path}: could not open a video writer (no MP4 encoder?); no annotated video")
@@ -507,7 +556,8 @@ def finish_video(out_dir, progress, every):
                "stopped_early": progress.stopped, "interrupted": progress.interrupted, "cuts_s": progress.cuts,
                "frames_per_s": progress.analysed / max(elapsed, 1e-9), "seconds": round(elapsed, 3),
                "time_share": {k: round(v / total, 4) for k, v in progress.timing.items()},
-               "tracks": tracks, "files": {f: os.path.join(out_dir, f) for f in VIDEO_FILES}}
+               "tracks": tracks, "files": {f: os.path.join(out_dir, f) for f in VIDEO_FILES
+                                           if f != "annotated.mp4" or progress.annotated}}
     save_json(summary, os.path.join(out_dir, "summary.json"))
     return summary
 
@@ -520,7 +570,7 @@ def classify_videos(inputs, predict_faces, out_dir, settings=None, detector=None
     could be processed, and KeyboardInterrupt (after finishing the files) on Ctrl-C in a file."""
     sources, skipped = find_videos(inputs)
     for path, reason in skipped:
-        warn(f"{path} {reason}; skipped")
+        warn(f"{printable(path)} {reason}; skipped")
     detector = detector or face_detector(side=VIDEO_DETECT_SIDE, strictness=VIDEO_STRICTNESS)
     summaries, used = [], set()
     for source, name in sources:
@@ -535,7 +585,7 @@ def classify_videos(inputs, predict_faces, out_dir, settings=None, detector=None
                                      settings, detector, log)
             summaries.append(dict(summary, folder=os.path.join(out_dir, folder)))
         except Skipped as why:
-            what = f"camera {source}" if isinstance(source, int) else source
+            what = f"camera {source}" if isinstance(source, int) else printable(source)
             warn(f"{what} {why}; skipped")
             skipped.append((source, str(why)))
     if not summaries:

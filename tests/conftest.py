@@ -1,4 +1,5 @@
 """Shared test set-up: the project's flat modules are importable from the repo root."""
+import errno
 import os
 import sys
 
@@ -24,3 +25,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """read_only(folder): writes inside `folder` fail from now on as on a read-only file system
+    (the tests run as root, where chmod does not stop a write)."""
+    import builtins
+
+    def make(folder):
+        folder = os.path.abspath(folder)
+
+        def refuse(real, writes):
+            def call(path, *args, **kwargs):
+                if (isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(folder)
+                        and writes(args, kwargs)):
+                    raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+                return real(path, *args, **kwargs)
+            return call
+        monkeypatch.setattr(os, "open", refuse(os.open, lambda a, k: (a[0] if a else k["flags"])
+                                               & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)))
+        monkeypatch.setattr(os, "mkdir", refuse(os.mkdir, lambda a, k: True))
+        monkeypatch.setattr(builtins, "open", refuse(builtins.open, lambda a, k: any(
+            c in (a[0] if a else k.get("mode", "r")) for c in "wax+")))
+    return make
+
+
+@pytest.fixture
+def interrupt_annotate(monkeypatch):
+    """interrupt_annotate(module, n): the n-th call of module.annotate raises KeyboardInterrupt,
+    as a Ctrl-C while that picture is drawn would."""
+    def make(module, n):
+        real, calls = module.annotate, []
+
+        def annotate(image, faces, legend=True):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(image, faces, legend)
+        monkeypatch.setattr(module, "annotate", annotate)
+    return make

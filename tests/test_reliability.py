@@ -86,6 +86,9 @@ def test_a_diverging_loss_stops_with_a_clear_message(tiny_csv, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "loss became nan" in err.lower() or "loss became inf" in err.lower()
     assert "learning rate 1e+08" in err and "Traceback" not in err
+    # It diverged before the first save: there are no good checkpoints to speak of.
+    assert "kept" not in err and "no checkpoint was saved" in err
+    assert not (tmp_path / "ckpt" / "r").exists()
 
 
 def test_unwritable_output_folder_fails_before_training(tiny_csv, tmp_path, capsys):
@@ -204,10 +207,14 @@ def exit_code_and_err(argv, capsys):
 
 
 def test_a_run_folder_in_use_is_refused(tiny_csv, tmp_path, capsys):
+    import fcntl
     folder = tmp_path / "ckpt" / "r"
     folder.mkdir(parents=True)
-    (folder / ".lock").write_text(f"{os.getpid()}\n")  # a live process holds it
-    code, err = exit_code_and_err(quick_run(tiny_csv, tmp_path), capsys)
+    with open(folder / ".lock", "w") as owner:  # a live process holds it
+        owner.write(f"{os.getpid()}\n")
+        owner.flush()
+        fcntl.flock(owner, fcntl.LOCK_EX)
+        code, err = exit_code_and_err(quick_run(tiny_csv, tmp_path), capsys)
     assert code == 2 and f"another run (process {os.getpid()}) is using {folder}" in err
     assert not list(folder.glob("*.pth")) and (folder / ".lock").read_text() == f"{os.getpid()}\n"
 
@@ -337,3 +344,119 @@ def test_resume_says_when_best_is_newer_than_last(tiny_csv, tmp_path, capsys):
     capsys.readouterr()
     assert run.main(["--checkpoint", str(folder / "vgg2_0_2_last.pth"), "-o", str(tmp_path / "o")]) == 0
     assert f"{folder / 'vgg2_0_2_best.pth'} is newer than" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- third pass (issue 30)
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_csv, tmp_path_factory):
+    """The folders (ckpt/r, out/r) of one quick run, trained once for the tests that copy them."""
+    base = tmp_path_factory.mktemp("finished")
+    assert run.main(quick_run(tiny_csv, base)) == 0
+    return base
+
+
+def copy_run(base, tmp_path):
+    for folder in ("ckpt", "out"):
+        shutil.copytree(base / folder, tmp_path / folder)
+
+@pytest.mark.parametrize("name", [os.path.join("..", "..", "x"), "..", ".", "", "a/b", "ABSOLUTE"])
+def test_a_run_name_that_is_not_a_plain_folder_name_is_refused_before_anything_is_written(
+        tiny_csv, tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    argv = quick_run(tiny_csv, tmp_path)
+    argv[argv.index("--run_name") + 1] = str(tmp_path / "abs" / "x") if name == "ABSOLUTE" else name
+    code, err = exit_code_and_err(argv, capsys)
+    assert code == 2 and "--run_name" in err and len(err.strip().splitlines()) == 1, err
+    assert set(os.listdir(tmp_path)) <= {"cache"} and not (tmp_path.parent / "x").exists()
+
+
+def test_a_new_run_never_overwrites_another_runs_outputs(tiny_csv, finished_run, tmp_path, capsys):
+    copy_run(finished_run, tmp_path)
+    outputs = tmp_path / "out" / "r"
+    before = {p.name: p.read_bytes() for p in outputs.glob("*.json")}
+    argv = quick_run(tiny_csv, tmp_path)
+    argv[argv.index("--checkpoint_dir") + 1] = str(tmp_path / "other_ckpt")
+    code, err = exit_code_and_err(argv, capsys)
+    assert code == 2 and f"{outputs} already holds the outputs of another run" in err, err
+    assert "--run_name" in err and "-o" in err
+    assert {p.name: p.read_bytes() for p in outputs.glob("*.json")} == before
+    assert not (tmp_path / "other_ckpt").exists()  # nothing left behind by the refused run
+
+
+@pytest.mark.parametrize("junk", ["other_model", "junk_tensors", "junk_train_state"])
+def test_resuming_with_weights_that_do_not_fit_is_one_line_naming_the_file(finished_run, tmp_path, capsys, junk):
+    from models import FerNet
+    copy_run(finished_run, tmp_path)
+    last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    ckpt = torch.load(last, weights_only=True)
+    if junk == "other_model":
+        ckpt["model_state"] = FerNet("vgg2_2_2").state_dict()
+    elif junk == "junk_tensors":
+        ckpt["model_state"] = {k: torch.zeros(3) for k in ckpt["model_state"]}
+    else:
+        ckpt["train_state"] = {"step": "many", "colour": "blue"}
+    torch.save(ckpt, last)
+    code, err = exit_code_and_err(["--checkpoint", str(last), "--epoch_num", "2"], capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert str(last) in err and "Traceback" not in err
+    assert not (tmp_path / "ckpt" / "r" / ".lock").exists()
+
+
+def test_a_read_only_checkpoint_folder_is_one_error_line(finished_run, tmp_path, capsys, read_only):
+    copy_run(finished_run, tmp_path)
+    folder = tmp_path / "ckpt" / "r"
+    read_only(folder)
+    code, err = exit_code_and_err(["--checkpoint", str(folder / "vgg2_0_2_last.pth"), "--epoch_num", "2",
+                                   "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert f"cannot write to {folder}" in err and "Read-only file system" in err
+
+
+@pytest.mark.parametrize("script", ["run.py", "infer.py"])
+def test_ctrl_c_while_the_imports_load_prints_no_traceback(script):
+    """The signal comes once PyTorch's library is mapped, while its Python modules still load."""
+    process = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    end = time.time() + 60
+    while "libtorch" not in open(f"/proc/{process.pid}/maps").read():
+        assert process.poll() is None and time.time() < end, process.communicate()
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode != 0 and "usage" not in out  # it stopped during the imports
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_the_run_folder_lock_of_a_starting_run_is_never_taken_over(tiny_csv, tmp_path, capsys):
+    """A run between creating its lock and writing its process number into it still owns it."""
+    import fcntl
+    folder = tmp_path / "ckpt" / "r"
+    folder.mkdir(parents=True)
+    with open(folder / ".lock", "w") as owner:
+        fcntl.flock(owner, fcntl.LOCK_EX)  # held, nothing written yet
+        code, err = exit_code_and_err(quick_run(tiny_csv, tmp_path), capsys)
+        assert code == 2 and f"another run is using {folder}" in err, err
+        assert (folder / ".lock").exists() and not list(folder.glob("*.pth"))
+
+
+@pytest.mark.parametrize("flag", ["-d", "--checkpoint_dir", "-o", "--init_from", "--teacher", "--checkpoint"])
+def test_empty_paths_are_refused_before_anything_is_written(tiny_csv, tmp_path, capsys, monkeypatch, flag):
+    """An empty --checkpoint_dir used to put the run folder into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    code, err = exit_code_and_err(quick_run(tiny_csv, tmp_path) + [flag, ""], capsys)
+    assert code == 2 and "an empty path" in err and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_dir_that_is_a_file_and_a_folder_given_as_a_file_are_one_line(tiny_csv, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    argv = quick_run(tiny_csv, tmp_path)
+    argv[argv.index("--checkpoint_dir") + 1] = str(blocker)
+    code, err = exit_code_and_err(argv, capsys)
+    assert code == 2 and f"cannot write to {blocker / 'r'}" in err and len(err.strip().splitlines()) == 1, err
+    for flag in ("--init_from", "--teacher"):
+        code, err = exit_code_and_err(quick_run(tiny_csv, tmp_path, flag, str(tmp_path)), capsys)
+        assert code == 2 and f"{tmp_path} is a folder, not a checkpoint file" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]  # the run name is claimed before the data is read

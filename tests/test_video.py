@@ -234,16 +234,8 @@ def test_unwritable_output_folders(ckpt, clip, tmp_path, capsys):
     assert (out / "other" / "summary.json").exists()
 
 
-def test_ctrl_c_mid_video_finishes_the_files(ckpt, clip, tmp_path, monkeypatch, capsys):
-    calls = []
-    annotate = faces.annotate
-
-    def interrupted_annotate(image, faces, legend=True):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return annotate(image, faces, legend)
-    monkeypatch.setattr(video, "annotate", interrupted_annotate)
+def test_ctrl_c_mid_video_finishes_the_files(ckpt, clip, tmp_path, interrupt_annotate, capsys):
+    interrupt_annotate(video, 8)
     other = tmp_path / "later.mp4"
     other.write_bytes(open(clip[0], "rb").read())
     out = tmp_path / "out"
