@@ -16,7 +16,7 @@ import torch
 
 from models import MODEL_NAMES, FerNet
 from train import TrainState
-from utils import EMOTIONS, UserError, save_torch
+from utils import EMOTIONS, UserError, class_names_problem, save_torch
 
 FORMAT = 2  # 1: before the TrainState (still read: the shipped exports and older runs)
 EXPORT = "export"  # the `kind` of an inference-only file
@@ -29,7 +29,7 @@ def training_checkpoint(kind, model_name, model, optimizer, state, args, run_nam
     """The dict saved as <model>_best.pth / <model>_last.pth."""
     return {
         "format_version": FORMAT, "kind": kind, "model_name": model_name,
-        "class_names": list(EMOTIONS), "model_state": model.state_dict(),
+        "class_names": list(model.class_names), "model_state": model.state_dict(),
         # The averaged weights are the ones validated, selected and shipped (see model_weights).
         "ema_state": ema.module.state_dict() if ema is not None else None,
         "ema_updates": int(ema.n_averaged) if ema is not None else 0,
@@ -92,10 +92,11 @@ def load(path):
         raise UserError(f"{path} has checkpoint format {version!r}; this version of the tool reads "
                         f"formats 1-{FORMAT}" + (" (it was written by a newer version; update the "
                                                  "tool)" if newer else ""))
-    names = ckpt.get("class_names", list(EMOTIONS))
-    if not isinstance(names, (list, tuple)) or list(names) != list(EMOTIONS):
-        raise UserError(f"{path} names its classes {str(names)[:200]}; this tool's classes are "
-                        f"{', '.join(EMOTIONS)}, so the file is refused")
+    # The file's class names are its model's classes: FER2013's seven, or a folder's (folders.py).
+    problem = class_names_problem(ckpt.setdefault("class_names", list(EMOTIONS)))
+    if problem:
+        raise UserError(f"{path} names its classes {str(ckpt['class_names'])[:200]}, which is "
+                        f"refused: {problem}")
     return _upgrade(ckpt) if version == 1 else ckpt
 
 
@@ -127,7 +128,12 @@ def build_model(ckpt, device="cpu", source=None):
     state = model_weights(ckpt)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{where}the checkpoint's model_state is not a set of weights")
-    model = FerNet(name)
+    names = ckpt.get("class_names", EMOTIONS)
+    outputs = state.get("classifier.4.bias")
+    if outputs is not None and len(outputs) != len(names):
+        raise UserError(f"{where}the checkpoint names its classes {', '.join(names)[:200]} ({len(names)}), "
+                        f"but its weights have {len(outputs)} outputs")
+    model = FerNet(name, class_names=names)
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except RuntimeError as err:
