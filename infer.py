@@ -7,13 +7,15 @@
     python3 infer.py --checkpoint checkpoint/RUN/vgg2_0_2_best.pth --images photos/ me.jpg
     python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv5.pth --video interview.mp4 clips/
     python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv5.pth --video 0   # a camera, until Ctrl-C
+    python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv5.pth -d my_faces/ --split all
 
 Without --checkpoint the shipped default, pretrained/fer2013_vgg2_4_2_conv5.pth, is used. The
 model name (and its input normalisation) comes from the checkpoint file. Several checkpoints
 make an ensemble: their class probabilities are averaged.
 
-On a FER2013-layout CSV (`-d`, default ./data/fer2013.csv; `synthetic` for the built-in faces)
-the chosen `--split` (default test = PrivateTest) is classified in batches and the tool prints
+On a FER2013-layout CSV (`-d`, default ./data/fer2013.csv; `synthetic` for the built-in faces),
+or a folder of face images (`-d DIR`, see folders.py; `--split all` for one the model was not
+trained on), the chosen `--split` (default test = PrivateTest) is classified in batches and the tool prints
 loss, accuracy, macro-F1 and a per-class report, and writes to the output folder (`-o`, default
 outputs/infer/<checkpoint folder>/<checkpoint name>):
     metrics.json                      everything printed, plus the confusion matrix as numbers
@@ -51,9 +53,10 @@ import torch.nn.functional as F
 import checkpoint
 import dataset
 import explain
+import folders
 import onnx_model
 import photos
-from utils import (DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, Parser, UserError, atomic_write,
+from utils import (DEFAULT_CSV, EMOTIONS, SIDE, SPLITS, Parser, UserError, atomic_write,
                    autocast_dtype, check_writable, device_flags, eval_batch_size, flag, new_folder,
                    one_of, run_cli, save_figure, save_json, select_device)
 
@@ -76,9 +79,22 @@ def load_models(checkpoint_paths, device="cpu"):
     if not paths:
         raise UserError("no checkpoint given")
     # Channels-last convolutions: 1.05-1.6x faster on the dev CPU (tools/bench_onnx.py, fp32).
-    return [onnx_model.OnnxModel(p) if onnx_model.is_onnx(p)
-            else checkpoint.build_model(checkpoint.load(p), device, source=p).to(
-                memory_format=torch.channels_last) for p in paths]
+    models = [onnx_model.OnnxModel(p) if onnx_model.is_onnx(p)
+              else checkpoint.build_model(checkpoint.load(p), device, source=p).to(
+                  memory_format=torch.channels_last) for p in paths]
+    model_classes(models)  # an ensemble must agree on its classes
+    return models
+
+
+def model_classes(models):
+    """The class names of a model, or of the models of an ensemble (a UserError when they differ):
+    FER2013's seven, or the classes of the folder a model was trained on."""
+    models = [models] if isinstance(models, torch.nn.Module) else models
+    names = list(dict.fromkeys(tuple(getattr(m, "class_names", EMOTIONS)) for m in models))
+    if len(names) > 1:
+        raise UserError("the models of an ensemble must have the same classes; these have "
+                        + " / ".join(", ".join(n) for n in names))
+    return names[0] if names else EMOTIONS
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -133,7 +149,7 @@ def _predict(models, images, modes, batch_size, device):
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive whole number, got {batch_size!r}")
     images = _as_faces(images)
-    out = {mode: np.zeros((len(images), NUM_CLASSES), np.float64) for mode in modes}
+    out = {mode: np.zeros((len(images), len(model_classes(models))), np.float64) for mode in modes}
     for model in models:
         model.eval()
     for start in range(0, len(images), int(batch_size)):
@@ -179,8 +195,9 @@ def detect_emotions(models, image, tta="none", detect=True, device="cpu"):
     boxes, _, probs = photos.faces_in_image(
         image, lambda faces: predict(models, faces, tta, device=device),
         photos.face_detector() if detect else None)
-    return [{"box": tuple(int(v) * factor for v in box), "emotion": EMOTIONS[int(p.argmax())],
-             "confidence": float(p.max()), "emotions": dict(zip(EMOTIONS, map(float, p)))}
+    names = model_classes(models)
+    return [{"box": tuple(int(v) * factor for v in box), "emotion": names[int(p.argmax())],
+             "confidence": float(p.max()), "emotions": dict(zip(names, map(float, p)))}
             for box, p in zip(boxes, probs)]
 
 
@@ -188,7 +205,7 @@ def detect_emotions(models, image, tta="none", detect=True, device="cpu"):
 
 def compute_metrics(probs, labels, class_names=EMOTIONS):
     """Loss, accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix
-    of probabilities (N, 7) against labels; classes absent from a small split count as zero.
+    of probabilities (N, classes) against labels; classes absent from a small split count as zero.
 
     Returns (metrics dict of plain Python values, scikit-learn's classification report text)."""
     from sklearn.metrics import classification_report, confusion_matrix
@@ -197,12 +214,12 @@ def compute_metrics(probs, labels, class_names=EMOTIONS):
     n = len(labels)
     if n == 0:
         raise UserError("there are no faces to evaluate")
-    if probs.shape != (n, len(EMOTIONS)):
+    if probs.shape != (n, len(class_names)):
         raise ValueError(f"probabilities of shape {probs.shape} for {n} labels")
-    if labels.min() < 0 or labels.max() >= len(EMOTIONS):
-        raise ValueError(f"labels must lie in 0-{len(EMOTIONS) - 1}")
+    if labels.min() < 0 or labels.max() >= len(class_names):
+        raise ValueError(f"labels must lie in 0-{len(class_names) - 1}")
     pred = probs.argmax(1)
-    classes = list(range(len(EMOTIONS)))
+    classes = list(range(len(class_names)))
     names = list(class_names)
     table = classification_report(labels, pred, labels=classes, target_names=names,
                                   zero_division=0, output_dict=True)
@@ -331,13 +348,13 @@ def explain_saved_faces(models, images, labels, probs, indices, face_paths, expl
     classes = explained_classes(np.asarray(probs)[indices], explain_class)
     cams = explain.explain_faces(models, faces, classes, batch_size or 64, device)
     paths = explain.save_cam_images(faces, cams, [explain.cam_path(p) for p in face_paths])
-    titles, colors = [], []
+    titles, colors, names = [], [], model_classes(models)
     for i, c in zip(indices, classes):
         p = int(np.argmax(probs[i]))
-        titles.append((f"#{i} true {EMOTIONS[labels[i]]}\npred {EMOTIONS[p]} {probs[i][p]:.0%}",
-                       f"Grad-CAM: {EMOTIONS[c]}\n{probs[i][c]:.0%}"))
+        titles.append((f"#{i} true {names[labels[i]]}\npred {names[p]} {probs[i][p]:.0%}",
+                       f"Grad-CAM: {names[c]}\n{probs[i][c]:.0%}"))
         colors.append("#1a7f37" if p == int(labels[i]) else "#cf222e")
-    what = "predicted class" if explain_class is None else EMOTIONS[explain_class]
+    what = "predicted class" if explain_class is None else names[explain_class]
     grid = explain.save_explain_grid(faces, cams, titles, grid_path,
                                      f"{title} of the {what}{_cam_note(models)}", colors)
     return paths, grid
@@ -413,7 +430,7 @@ def report(checkpoint_paths, images, labels, out_dir, tta="none", num_save=16, b
     if explain_maps:
         for model in models:
             explain.cam_layer(model)  # fail before the work when a model cannot be explained
-    class_names = EMOTIONS
+    class_names = model_classes(models)
     images = np.asarray(images)
     labels = np.asarray(labels).astype(np.int64)
     if len(images) != len(labels):
@@ -526,11 +543,15 @@ def get_args_parser():
 
     g = p.add_argument_group("split report")
     flag(g, "-d", "--dataset", default=None,
-         help="FER2013-layout CSV, or 'synthetic' (default: the data set the checkpoint was trained "
+         help="FER2013-layout CSV, 'synthetic', or a folder of face images (DIR/<class>/* or "
+              "DIR/<split>/<class>/*) (default: the data set the checkpoint was trained "
               f"on, else {DEFAULT_CSV}; with --images or --video a split is evaluated only when -d "
               "is given)")
-    flag(g, "--split", choices=tuple(SPLITS), default="test",
-         help="which split to evaluate: Training, PublicTest or PrivateTest (default: test)")
+    flag(g, "--split", choices=(*SPLITS, "all"), default="test",
+         help="which split to evaluate: train, val or test (Training, PublicTest, PrivateTest; a "
+              "folder's own, or held out of it), or all: every face, for a data set the model was "
+              "not trained on (default: test)")
+    dataset.faces_flag(g)
     flag(g, "--num_save", type=int, default=16,
          help="faces of the split saved as images and shown in the grid (default: 16)")
     flag(g, "--skip_bad_rows", action="store_true",
@@ -601,6 +622,50 @@ def training_data(paths, given):
     return trained_on
 
 
+def evaluation_data(args, paths):
+    """The data set to evaluate (see training_data). A folder the checkpoint was trained on must
+    still hold the faces it was trained and tested on: if not, a note says what changed."""
+    data = dataset.load_data(training_data(paths, args.dataset), args.skip_bad_rows, args.faces)
+    if data.files is not None and not onnx_model.is_onnx(paths[0]):
+        changed = folders.changes_since_training(data, checkpoint.load(paths[0]), paths[0])
+        if changed:
+            print(f"note: {changed}; these are not exactly the faces of the training run (its test "
+                  "split may even hold faces the model was trained on)")
+    return data
+
+
+def report_split(data, paths, models, out_dir, args, device):
+    """report() on --split of the data, in the models' classes. Faces of classes the models do not
+    have (a folder's contempt) are left out of the metrics and reported apart, with what the
+    models took them for; a folder's predictions.csv also names each face's file."""
+    images, labels = data.split(args.split)
+    names = model_classes(models)
+    mapped = folders.to_classes(labels, data.class_names, names)
+    known = mapped >= 0
+    if not known.any():
+        raise UserError(f"none of the classes of {folders.shown(data.source)} ({', '.join(data.class_names)}) "
+                        f"is one of the model's ({', '.join(names)})")
+    split_name = (args.split if data.files is not None else
+                  f"{args.split} ({SPLITS.get(args.split, 'every row')})")
+    result = report(paths, images[known], mapped[known], out_dir, args.tta, args.num_save,
+                    args.batch_size, device, split_name=split_name, models=models,
+                    explain_maps=args.explain or args.explain_class is not None,
+                    explain_class=args.explain_class)
+    if data.files is not None:
+        files = np.asarray(data.files, dtype=object)[data.mask(args.split)][known]
+        for key in ("predictions", "predictions_plain"):
+            if key in result["files"]:
+                folders.add_file_column(result["files"][key], files)
+    if not known.all():
+        probs = predict(models, images[~known], args.tta, args.batch_size, device)
+        result["classes_not_in_model"] = folders.taken_for(labels[~known], probs, data.class_names, names)
+        for name, seen in result["classes_not_in_model"].items():
+            print(f"{name}: {seen['faces']} faces of a class the model does not have, left out of the "
+                  "metrics; taken for " + ", ".join(f"{k} {v}" for k, v in seen["taken_for"].items()))
+        save_json(result, result["files"]["metrics"])
+    return result
+
+
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -639,9 +704,12 @@ def main(argv=None):
                         "checkpoint(s) for Grad-CAM")
     device = select_device(args.device)
     models = load_models(paths, device)
+    if (args.images is not None or args.video is not None) and model_classes(models) != EMOTIONS:
+        raise UserError(f"--images and --video need a model of FER2013's seven classes; this one has "
+                        f"{', '.join(model_classes(models))} (evaluate it on a folder with -d)")
     data = None
     if (args.images is None and args.video is None) or args.dataset is not None:
-        data = dataset.load_fer2013(training_data(paths, args.dataset), args.skip_bad_rows)
+        data = evaluation_data(args, paths)
     out_dir = args.output or default_output_dir(
         paths, images=args.images is not None or args.video is not None,
         kind="photos" if args.images else "video")
@@ -657,10 +725,7 @@ def main(argv=None):
         print(f"note: --amp needs CUDA or a CPU with bf16 support; computing in fp32 on {device.type}")
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         if data is not None:
-            images, labels = data.split(args.split)
-            report(paths, images, labels, out_dir, args.tta, args.num_save, args.batch_size, device,
-                   split_name=f"{args.split} ({SPLITS[args.split]})", models=models,
-                   explain_maps=explaining, explain_class=args.explain_class)
+            report_split(data, paths, models, out_dir, args, device)
         if args.images is not None:
             found = []  # with --explain: (annotated copy's name, its face crops, their probabilities)
             annotated = os.path.join(out_dir, "annotated")

@@ -1,4 +1,5 @@
-"""Train one of the five models on FER2013, select on PublicTest, then test on PrivateTest.
+"""Train one of the five models on FER2013 (or a folder of face images), select on PublicTest,
+then test on PrivateTest (a folder's val and test splits).
 
 This file is the one place that decides when to validate, stop and save (train.py holds the
 steps, checkpoint.py the files): torchvision's classification reference drives its
@@ -6,6 +7,7 @@ train_one_epoch the same way.
 """
 import argparse
 import csv
+import functools
 import glob
 import io
 import os
@@ -16,10 +18,11 @@ import torch
 
 import checkpoint
 import dataset
+import folders
 import infer
 import train
-from models import MODEL_NAMES, build_model
-from utils import (DEFAULT_CSV, EMOTIONS, Parser, UserError, atomic_write, autocast_dtype, clip, check_writable, device_flags, flag,
+from models import MODEL_NAMES, build_model, fit_classes
+from utils import (DEFAULT_CSV, Parser, UserError, atomic_write, autocast_dtype, clip, check_writable, device_flags, flag,
                    eval_batch_size, file_sha256, one_of, reuse_freed_memory, run_cli, save_figure, save_json,
                    seed_everything, select_device)
 
@@ -42,6 +45,7 @@ EXAMPLES = """examples:
   python3 run.py -m vgg2_2_2 -d fer2013.csv.gz --amp --weighted_loss
   python3 run.py --checkpoint checkpoint/RUN/vgg2_2_2_last.pth     # resume where it stopped
   python3 run.py -m vgg2_4_2_conv3 --init_from pretrained/fer2013_vgg2_4_2_conv3.pth   # fine-tune
+  python3 run.py -d my_faces/ --init_from pretrained/fer2013_vgg2_4_2_conv5.pth   # your own images
   torchrun --nproc_per_node 8 run.py -m vgg2_4_2_conv3              # several GPUs
 
 Each run gets its own folders, checkpoint/RUN/ and outputs/RUN/ (RUN = model and start time)."""
@@ -52,9 +56,11 @@ def get_args_parser():
                epilog=EXAMPLES)
     g = p.add_argument_group("data")
     flag(g, "-d", "--dataset", default=DEFAULT_CSV,
-         help="FER2013 CSV (.csv/.gz/.xz/.zip), or 'synthetic' for the built-in faces "
-              "(default: %(default)s)")
+         help="FER2013 CSV (.csv/.gz/.xz/.zip), 'synthetic' for the built-in faces, or a folder of "
+              "images: DIR/<class>/* or DIR/<split>/<class>/* (README \"Your own data\"; default: "
+              "%(default)s)")
     flag(g, "--skip_bad_rows", action="store_true", help="drop malformed CSV rows (with a warning)")
+    dataset.faces_flag(g)
 
     g = p.add_argument_group("model")
     flag(g, "-m", "--model", type=one_of(MODEL_NAMES, "model"), default=None, metavar="MODEL",
@@ -275,7 +281,7 @@ def training_parts(model, args, train_labels, device):
     optimizer = make_optimizer(model, args)
     amp_dtype = autocast_dtype(args.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    weights = train.class_weights(train_labels).to(device) if args.wl else None
+    weights = train.class_weights(train_labels, len(model.class_names)).to(device) if args.wl else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
     ema = train.weight_average(model, args.ema_decay) if args.ema_decay else None
     return model, optimizer, loss_fn, ema, scaler, amp_dtype
@@ -379,10 +385,11 @@ def main(argv):
 
     # Inputs first: nothing is created on disk until the data and the models are in hand.
     teachers = load_teachers(args, device)
-    data = dataset.load_fer2013(args.dataset, args.skip_bad_rows, log=log)
+    data = dataset.load_data(args.dataset, args.skip_bad_rows, args.faces, log=log, training=True)
     # Each split once (a split copies its faces); a missing one fails now, not after training.
     splits = {name: data.split(name) for name in ("train", "val", "test")}
     train_y = splits["train"][1]
+    check_data(data, args, resume, teachers)
     if resume is not None and resume.get("class_counts") not in (None, class_counts(data)):
         raise UserError(f"{args.dataset} is not the data set this run was trained on (faces per split "
                         f"and class differ from those in {args.checkpoint}): resume with that file's -d")
@@ -390,8 +397,12 @@ def main(argv):
     if init is not None:
         model, used_imagenet = checkpoint.build_model(init, source=args.init_from), init.get("pretrained_used", False)
         model.train()
+        new_head = fit_classes(model, data.class_names)  # a folder's own classes
+        if new_head:
+            log(f"note: {new_head}")
     else:
-        model, used_imagenet = build_model(args.model, "no" if resume is not None else args.pretrained)
+        model, used_imagenet = build_model(args.model, "no" if resume is not None else args.pretrained,
+                                           data.class_names)
     model, optimizer, loss_fn, ema, scaler, amp_dtype = training_parts(model, args, train_y, device)
     if args.amp and amp_dtype is None:
         log(f"note: --amp needs CUDA or a CPU with bf16 support; training in fp32 on {device.type}")
@@ -442,6 +453,24 @@ def main(argv):
                 os.rmdir(folder)
 
 
+def check_data(data, args, resume, teachers):
+    """A resumed run must find the faces it started with (a folder's are named when they
+    changed); teachers must have the data's classes. A folder's faces setting and fingerprint go
+    into args, so into args.json and every checkpoint."""
+    if resume is not None:
+        split_file = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), folders.SPLIT_FILE)
+        changed = folders.changes(data, getattr(args, "data_sha256", None), split_file)
+        if changed:
+            raise UserError(f"{changed}; resume with the folder as it was when the run started "
+                            "(or start a new run on it)")
+    for path, teacher in zip(args.teacher or [], teachers):
+        if tuple(teacher.class_names) != tuple(data.class_names):
+            raise UserError(f"teacher {path} has the classes {', '.join(teacher.class_names)}; the data's "
+                            f"are {', '.join(data.class_names)}: a teacher must have the same classes")
+    if data.files is not None:
+        args.faces, args.data_sha256 = data.faces, data.fingerprint
+
+
 def class_counts(data):
     """{split: faces per class} as plain lists: saved in checkpoints, compared on resume."""
     return {name: counts.tolist() for name, counts in dataset.class_counts(data).items()}
@@ -483,10 +512,10 @@ def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, s
 
     if rank == 0:
         log(f"{data.source}: {len(train_y)} training, {len(val_batches.labels)} validation faces")
-        log(dataset.class_table(dataset.class_counts(data)))
+        log(dataset.class_table(dataset.class_counts(data), data.class_names))
         if args.wl:
             log("class weights (inverse frequency, mean 1): " + ", ".join(
-                f"{name} {w:.3f}" for name, w in zip(EMOTIONS, loss_fn.weight.tolist())))
+                f"{name} {w:.3f}" for name, w in zip(data.class_names, loss_fn.weight.tolist())))
         if init is not None:
             log(f"starting from the weights of {args.init_from} (fine-tuning)")
         if teachers:
@@ -501,6 +530,8 @@ def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, s
                 log(f"note: {best} is newer than {args.checkpoint} (a save was cut short); "
                     f"continuing from {args.checkpoint}")
         save_json(vars(args), os.path.join(out_dir, "args.json"))
+        for folder in (out_dir, os.path.dirname(paths["last"])):  # a folder's split, beside the run
+            folders.write_split(data, folder)
         log(f"{args.model} on {device.type}" + (f" x{world} processes" if world > 1 else "") +
             f": {steps_per_epoch} steps per epoch, "
             f"{str(amp_dtype).split('.')[-1] + ' autocast' if amp_dtype else 'fp32'}, ImageNet prefix: {'yes' if used_imagenet else 'no'}"
@@ -580,16 +611,17 @@ def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, s
     if state.history:
         write_history(state.history, out_dir)
         draw_or_warn(plot_curves, state.history, os.path.join(out_dir, "curves.png"))
-    draw_or_warn(dataset.plot_class_distribution, dataset.class_counts(data),
-                 os.path.join(out_dir, "class_distribution.png"))
+    draw_or_warn(functools.partial(dataset.plot_class_distribution, class_names=data.class_names),
+                 dataset.class_counts(data), os.path.join(out_dir, "class_distribution.png"))
     if ended.startswith("stopped by"):
         log(f"resume with: python3 run.py --checkpoint {paths['last']}")
         return 130
     if os.path.exists(paths["best"]):
-        log(f"testing the best checkpoint on PrivateTest: reports in {os.path.join(out_dir, 'test')}")
+        test_name = "test (PrivateTest)" if data.files is None else "test"  # a folder's own split
+        log(f"testing the best checkpoint on {test_name}: reports in {os.path.join(out_dir, 'test')}")
         infer.report([paths["best"]], *splits["test"], os.path.join(out_dir, "test"),
                      num_save=args.num_save, batch_size=args.eval_batch_size, device=device,
-                     split_name="test (PrivateTest)", log=log)
+                     split_name=test_name, log=log)
     return 0
 
 
