@@ -9,9 +9,9 @@ same uint8 arrays as the CSV (a dataset.FerData), so training and reports do not
 Two layouts. Split folders, DIR/<split>/<class>/*, with the splits in common spellings (train,
 training, Training; val, valid, validation, PublicTest; test, PrivateTest): a missing validation
 or test split is a stratified tenth of train. Or class folders only, DIR/<class>/*: 80/10/10 per
-class. A file's split is decided by a salted hash of its path: it depends neither on the other
-files nor on the order they are listed in, so a folder always splits the same way, and adding
-files moves none of the others.
+class. Each class's files are ordered by a salted hash of their path and the first tenth (or two)
+held out: the split depends neither on the order files are listed in nor on where the folder is,
+so a folder always splits the same way, and adding a few files moves few of the others.
 
 Class folders in common spellings (anger, angry, happiness, ...) become FER2013's classes, in its
 order, so FER2013's models can be fine-tuned and evaluated on them; any other class (contempt)
@@ -113,8 +113,8 @@ def scan(root):
                             f"and {shown(name)}: merge them or remove one")
         if key:
             splits[key] = name
-    skipped += [(name, OUTSIDE) for name in loose]
-    if splits:
+    if splits:  # (in the other layout the loop below finds the loose files)
+        skipped += [(name, OUTSIDE) for name in loose]
         skipped += [(name, "is not a split folder (train, val, test, ...): passed over")
                     for name in dirs if name not in splits.values()]
     images = []
@@ -124,11 +124,12 @@ def scan(root):
         skipped += [(os.path.join(folder, name), OUTSIDE) for name in loose]
         above = {_identity(root), _identity(top)}
         for name in classes:
-            for path in _walk(os.path.join(top, name), root, skipped, above):
-                if path.lower().endswith(photos.READ_EXTENSIONS):
-                    images.append((path, key, name))
-                else:
-                    skipped.append((path, NOT_IMAGE))
+            found = _walk(os.path.join(top, name), root, skipped, above)
+            is_image = [path.lower().endswith(photos.READ_EXTENSIONS) for path in found]
+            images += [(path, key, name) for path, image in zip(found, is_image) if image]
+            skipped += [(path, NOT_IMAGE) for path, image in zip(found, is_image) if not image]
+            if not any(is_image):
+                skipped.append((os.path.join(folder, name), "is a class folder with no images"))
     return sorted(images), skipped, splits
 
 
@@ -303,7 +304,7 @@ def describe_classes(images, classes):
     """The classes and the folders each one comes from (unknown classes are said to be new)."""
     folders = {name: sorted({folder for _, _, folder in images if class_name(folder) == name})
                for name in classes}
-    return f"{len(classes)} classes: " + ", ".join(
+    return f"{len(classes)} class{'es' if len(classes) > 1 else ''}: " + ", ".join(
         f"{name}" + (f" (from {', '.join(map(shown, folders[name]))})"
                      if folders[name] != [name] else "") +
         ("" if name in EMOTIONS else " (not one of FER2013's: a class of its own)")
@@ -324,7 +325,7 @@ def load_folder(root, faces="auto", log=print, training=False):
     total = len(files) + len(skipped)  # every file looked at
     faces = choose_faces(root, files, faces, log)
     arrays = load_faces(root, files, faces, log)
-    skipped += [(files[i], why) for i, why in zip(arrays["left"], arrays["why"])]
+    skipped += [(files[i], str(why)) for i, why in zip(arrays["left"], arrays["why"])]
     kept = [images[i] for i in arrays["kept"]]
     if not kept:
         raise UserError(f"none of the {len(files):,} images of {shown(root)} gave a face "
