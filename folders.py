@@ -46,7 +46,7 @@ HELD_OUT = 0.1  # of each class, for each split the folder does not have (val, t
 SALT = b"fer-folders-1"  # the split's seed: change it and every held-out split changes
 SMALL_FACE = 100  # --faces auto: images at most this many pixels across are cropped faces already
 SIZE_SAMPLE = 64  # images whose size decides --faces auto
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 SPLIT_FILE, LEFT_OUT_FILE = "split.csv", "left_out.csv"
 NO_FACE = "no face found (--faces detect)"
 NOT_IMAGE = "not an image file (no image extension OpenCV reads)"
@@ -96,7 +96,8 @@ def _walk(top, root, skipped, above):
             continue
         seen.add(_identity(folder))
         dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        files += [os.path.relpath(os.path.join(folder, n), root) for n in sorted(names) if not _hidden(n)]
+        prefix = os.path.join(os.path.relpath(folder, root), "")  # once per folder: 30,000 relpaths take 1 s
+        files += [prefix + n for n in sorted(names) if not _hidden(n)]
     return files
 
 
@@ -227,9 +228,10 @@ def cache_path(root, files, faces):
     """The cache file of a folder's faces: named after the folder and keyed on each file's path,
     size and modification time (not on where the folder is: a moved folder keeps its cache)."""
     key = hashlib.sha1(f"{CACHE_VERSION}|{faces}\n".encode())
+    prefix = os.path.join(root, "")
     for path in files:
         try:
-            stat = os.stat(os.path.join(root, path))
+            stat = os.stat(prefix + path)
             stamp = f"{stat.st_size}|{stat.st_mtime_ns}"
         except OSError:
             stamp = "unreadable"
@@ -247,17 +249,19 @@ def load_faces(root, files, faces, log):
     log(f"decoding {len(files):,} images of {shown(root)} (once: the faces are cached in {cached})")
     started = time.perf_counter()
     arrays = decode(root, files, faces)
+    # Hashing the pixels takes longer than reading them from the cache: once, kept with them.
+    arrays["faces_sha256"] = np.array(hashlib.sha256(arrays["faces"].tobytes()).hexdigest())
     seconds = time.perf_counter() - started
     log(f"decoded {len(files):,} images in {seconds:.1f} s ({len(files) / max(seconds, 1e-9):,.0f} images/s)")
     dataset.write_cache(cached, arrays, log)
     return arrays
 
 
-def fingerprint(data):
+def fingerprint(data, faces_sha256):
     """sha256 of what a model learns and is judged on: the classes, each face's file, split and
-    label, and the faces themselves."""
-    digest = hashlib.sha256(json.dumps(list(data.class_names)).encode())
-    for part in (data.usage, data.labels, data.images):
+    label, and the faces themselves (their sha256)."""
+    digest = hashlib.sha256(json.dumps([list(data.class_names), str(faces_sha256)]).encode())
+    for part in (data.usage, data.labels):
         digest.update(np.ascontiguousarray(part).tobytes())
     digest.update(b"\0".join(os.fsencode(f) for f in data.files))
     return digest.hexdigest()
@@ -290,9 +294,10 @@ def describe_layout(root, splits, usage):
 def label_faces(images, splits):
     """(class names, label per face, usage per face) of the decoded faces; `images` holds their
     (path, split key, class folder)."""
-    names = [class_name(folder) for _, _, folder in images]
-    classes = ordered_classes(names)
-    labels = np.array([classes.index(n) for n in names], np.int64)
+    name_of = {folder: class_name(folder) for folder in {folder for _, _, folder in images}}
+    classes = ordered_classes(name_of.values())
+    label_of = {folder: classes.index(name) for folder, name in name_of.items()}
+    labels = np.array([label_of[folder] for _, _, folder in images], np.int64)
     usage = np.array([SPLIT_CODES[key or "train"] for _, key, _ in images], np.int8)
     parts = [SPLIT_CODES[key] for key in ("val", "test") if key not in splits]
     if parts:  # the splits the folder does not have are held out of train
@@ -302,8 +307,8 @@ def label_faces(images, splits):
 
 def describe_classes(images, classes):
     """The classes and the folders each one comes from (unknown classes are said to be new)."""
-    folders = {name: sorted({folder for _, _, folder in images if class_name(folder) == name})
-               for name in classes}
+    found = {folder for _, _, folder in images}
+    folders = {name: sorted(folder for folder in found if class_name(folder) == name) for name in classes}
     return f"{len(classes)} class{'es' if len(classes) > 1 else ''}: " + ", ".join(
         f"{name}" + (f" (from {', '.join(map(shown, folders[name]))})"
                      if folders[name] != [name] else "") +
@@ -333,7 +338,7 @@ def load_folder(root, faces="auto", log=print, training=False):
     classes, labels, usage = label_faces(kept, splits)
     data = dataset.FerData(arrays["faces"], labels, usage, root, classes,
                            [path for path, _, _ in kept], faces, None, skipped)
-    data.fingerprint = fingerprint(data)
+    data.fingerprint = fingerprint(data, arrays["faces_sha256"])
     log(describe_layout(root, splits, usage))
     log(describe_classes(kept, classes))
     empty = sorted({folder for _, _, folder in images} - {folder for _, _, folder in kept})
