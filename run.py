@@ -57,8 +57,7 @@ def get_args_parser():
     g = p.add_argument_group("data")
     flag(g, "-d", "--dataset", default=DEFAULT_CSV,
          help="FER2013 CSV (.csv/.gz/.xz/.zip), 'synthetic' for the built-in faces, or a folder of "
-              "images: DIR/<class>/* or DIR/<split>/<class>/* (README \"Your own data\"; default: "
-              "%(default)s)")
+              "images, DIR/<class>/* or DIR/<split>/<class>/* (default: %(default)s)")
     flag(g, "--skip_bad_rows", action="store_true", help="drop malformed CSV rows (with a warning)")
     dataset.faces_flag(g)
 
@@ -394,15 +393,7 @@ def main(argv):
         raise UserError(f"{args.dataset} is not the data set this run was trained on (faces per split "
                         f"and class differ from those in {args.checkpoint}): resume with that file's -d")
     seed_everything(args.seed + rank)
-    if init is not None:
-        model, used_imagenet = checkpoint.build_model(init, source=args.init_from), init.get("pretrained_used", False)
-        model.train()
-        new_head = fit_classes(model, data.class_names)  # a folder's own classes
-        if new_head:
-            log(f"note: {new_head}")
-    else:
-        model, used_imagenet = build_model(args.model, "no" if resume is not None else args.pretrained,
-                                           data.class_names)
+    model, used_imagenet = initial_model(args, data, init, resume, log)
     model, optimizer, loss_fn, ema, scaler, amp_dtype = training_parts(model, args, train_y, device)
     if args.amp and amp_dtype is None:
         log(f"note: --amp needs CUDA or a CPU with bf16 support; training in fp32 on {device.type}")
@@ -451,6 +442,18 @@ def main(argv):
         for folder in new_folders:  # a run that failed before its first save leaves no folders
             if os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)
+
+
+def initial_model(args, data, init, resume, log):
+    """(model, whether it has ImageNet weights): the --init_from weights, with a head for the data's
+    classes (a folder's may be others), or a new model (resuming loads its weights next)."""
+    if init is None:
+        return build_model(args.model, "no" if resume is not None else args.pretrained, data.class_names)
+    model = checkpoint.build_model(init, source=args.init_from).train()
+    new_head = fit_classes(model, data.class_names)
+    if new_head:
+        log(f"note: {new_head}")
+    return model, init.get("pretrained_used", False)
 
 
 def check_data(data, args, resume, teachers):

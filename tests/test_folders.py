@@ -19,6 +19,7 @@ import run
 import synthetic
 import utils
 from models import FerNet
+from test_infer import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "pretrained", "fer2013_vgg2_0_2.pth")
@@ -43,13 +44,8 @@ def write_folder(root, classes, n, seed=0, split=None, exts=(".png", ".jpg")):
 
 
 def cli(main, argv, capsys):
-    """(exit code, stdout, stderr) of a tool's main through utils.run_cli, in-process."""
-    try:
-        code = utils.run_cli(main, argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    """(exit code, stdout, stderr) of a tool's main, in-process."""
+    return run_cli(argv, capsys, main)
 
 
 def run_args(folder, tmp_path, *extra):
