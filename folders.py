@@ -208,8 +208,8 @@ def face_of(path, cascade=None):
 
 def decode(root, files, faces):
     """Every file's face: {"faces": (N, 48, 48) uint8 of the files that gave one, "kept": their
-    indices, "left": indices of the others, "why": the reasons}. Serial: decoding a small JPEG
-    takes ~0.1 ms, far below what a pool would save on the 2-core dev machine (README)."""
+    indices, "left": indices of the others, "why": the reasons}. In one thread: on the 2-core dev
+    VM a pool of two decoded small JPEGs slower than one thread (README "Your own data")."""
     from tqdm import tqdm
     cascade = photos.face_detector() if faces == "detect" else None
     out = np.zeros((len(files), SIDE, SIDE), np.uint8)

@@ -287,17 +287,23 @@ def test_a_model_is_judged_on_a_folder_with_a_class_it_does_not_have(tmp_path, c
     assert len(predictions) == 8 and predictions["file"].str.startswith(("anger/", "happy/")).all()
 
 
-def test_a_model_of_other_classes_is_evaluated_in_its_classes_and_refused_for_photos(tmp_path, capsys):
+@pytest.mark.parametrize("kind", [".pth", ".onnx"])
+def test_a_model_of_other_classes_is_evaluated_in_its_classes_and_refused_for_photos(tmp_path, capsys, kind):
     names = ["Happy", "Sad", "contempt"]
     path = tmp_path / "three.pth"
     torch.save({"format_version": checkpoint.FORMAT, "model_name": "vgg2_0_2", "class_names": names,
                 "model_state": FerNet("vgg2_0_2", class_names=names).state_dict()}, path)
+    if kind == ".onnx":  # the class names travel in the ONNX file too
+        pytest.importorskip("onnxscript")
+        pytest.importorskip("onnxruntime")
+        path = checkpoint.export(path, tmp_path / "three.onnx")
     root = tmp_path / "d"
     write_folder(root, {"contempt": 1, "sad": 4}, 10)
     code, out, err = cli(infer.main, ["-c", str(path), "-d", str(root), "--split", "all",
                                       "-o", str(tmp_path / "r"), "--num_save", "3"], capsys)
+    assert code == 0, err
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert code == 0 and metrics["class_names"] == names and metrics["n"] == 20
+    assert metrics["class_names"] == names and metrics["n"] == 20
     assert metrics["per_class"]["Happy"]["support"] == 0 and metrics["per_class"]["contempt"]["support"] == 10
     code, out, err = cli(infer.main, ["-c", str(path), "--images", str(root / "sad" / "000.png"),
                                       "-o", str(tmp_path / "p")], capsys)
