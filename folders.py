@@ -168,7 +168,6 @@ def held_out_usage(files, labels, usage, parts):
     return usage
 
 
-
 def choose_faces(root, files, faces, log):
     """--faces auto: `whole` when the images are small (cropped faces already), else `detect`;
     decided from the sizes of a sample of them (their headers only), and said."""
@@ -283,11 +282,11 @@ def describe_layout(root, splits, usage):
     """What the folder's layout is and where each split comes from, in one line."""
     if not splits:
         return (f"{shown(root)}: class folders, no split folders: split 80/10/10 per class "
-                "(seeded by file name)")
+                "(stratified and seeded: the same split every time)")
     found = ", ".join(f"{shown(name)}/ ({key})" for key, name in splits.items())
     made = [key for key in ("val", "test") if key not in splits and (usage == SPLIT_CODES[key]).any()]
     held = (f"; no {' or '.join(made)} folder: a stratified tenth of train is held out for "
-            f"{'each' if len(made) > 1 else 'it'} (seeded by file name)") if made else ""
+            f"{'each' if len(made) > 1 else 'it'} (seeded: the same every time)") if made else ""
     return f"{shown(root)}: split folders {found}{held}"
 
 
@@ -337,7 +336,7 @@ def load_folder(root, faces="auto", log=print, training=False):
                         f"({describe_left_out(skipped, total)})")
     classes, labels, usage = label_faces(kept, splits)
     data = dataset.FerData(arrays["faces"], labels, usage, root, classes,
-                           [path for path, _, _ in kept], faces, None, skipped)
+                           files=[path for path, _, _ in kept], faces=faces, skipped=skipped)
     data.fingerprint = fingerprint(data, arrays["faces_sha256"])
     log(describe_layout(root, splits, usage))
     log(describe_classes(kept, classes))

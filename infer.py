@@ -15,11 +15,12 @@ make an ensemble: their class probabilities are averaged.
 
 On a FER2013-layout CSV (`-d`, default ./data/fer2013.csv; `synthetic` for the built-in faces),
 or a folder of face images (`-d DIR`, see folders.py; `--split all` for one the model was not
-trained on), the chosen `--split` (default test = PrivateTest) is classified in batches and the tool prints
-loss, accuracy, macro-F1 and a per-class report, and writes to the output folder (`-o`, default
-outputs/infer/<checkpoint folder>/<checkpoint name>):
+trained on), the chosen `--split` (default test = PrivateTest) is classified in batches and the
+tool prints loss, accuracy, macro-F1 and a per-class report, and writes to the output folder
+(`-o`, default outputs/infer/<checkpoint folder>/<checkpoint name>):
     metrics.json                      everything printed, plus the confusion matrix as numbers
-    predictions.csv                   one row per face: index, true and predicted label, 7 probabilities
+    predictions.csv                   one row per face: index, (a folder's) file, true and predicted
+                                      label, one probability per class
     confusion_matrix.png              counts; confusion_matrix_normalized.png: rows sum to 1
     faces/<Emotion>_<index>.png       the first --num_save faces, named by the predicted emotion
     faces_grid.png                    those faces with true and predicted labels (green right, red wrong)
