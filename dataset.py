@@ -73,8 +73,8 @@ class FerData:
         if mask.any():
             return self.images[mask], self.labels[mask]
         if self.files is not None:
-            raise UserError(f"{self.source} has no faces in its '{name}' split: a folder needs a "
-                            "train/ folder to train on, or class folders (split 80/10/10)")
+            raise UserError(f"{self.source} has no faces in its '{name}' split (python3 dataset.py "
+                            "-d FOLDER shows its splits; --split all takes every face)")
         raise UserError(f"{self.source} has no {SPLITS[name]} rows, so the '{name}' split is "
                         "empty; the tool needs Training, PublicTest and PrivateTest rows.")
 
