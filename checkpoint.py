@@ -11,24 +11,43 @@ import dataclasses
 import glob
 import os
 import pickle
+from dataclasses import dataclass, field
 
 import torch
 
 from models import MODEL_NAMES, FerNet
-from train import TrainState
 from utils import EMOTIONS, UserError, class_names_problem, save_torch
 
-FORMAT = 2  # 1: before the TrainState (still read: the shipped exports and older runs)
+FORMAT = 2  # the layout of today's files (the shipped exports included); format 1 is not read
 EXPORT = "export"  # the `kind` of an inference-only file
 PATH_ARGS = ("dataset", "checkpoint", "checkpoint_dir", "output", "init_from", "teacher")  # run.py's path flags
 
 
-def training_checkpoint(kind, model_name, model, optimizer, state, args, run_name, rng, *,
-                        scaler=None, ema=None, pretrained_used=False, dataset=None, class_counts=None,
-                        world_size=1):
-    """The dict saved as <model>_best.pth / <model>_last.pth."""
+@dataclass
+class TrainState:
+    """Where a run stands: all of it is saved in the checkpoints and restored on resume."""
+    step: int = 0
+    best_score: float | None = None  # best validation score so far (loss or accuracy)
+    bad_validations: int = 0  # validations since that best
+    lr_factor: float = 1.0  # product of the plateau scheduler's cuts
+    elapsed: float = 0.0  # seconds of training and validation so far, over all sessions
+    history: list = field(default_factory=list)  # one dict per validation
+
+    def record(self, score, mode):
+        """Count a validation score (mode 'loss': lower is better); True when it is a new best."""
+        better = self.best_score is None or (score < self.best_score if mode == "loss"
+                                             else score > self.best_score)
+        self.best_score, self.bad_validations = ((score, 0) if better
+                                                 else (self.best_score, self.bad_validations + 1))
+        return better
+
+
+def training_checkpoint(kind, args, model, optimizer, state, rng, *, scaler=None, ema=None, **about):
+    """The dict saved as <model>_best.pth / <model>_last.pth. `about` adds what the run knows of
+    itself: pretrained_used, dataset, class_counts ({split: faces per class}: a resume with -d
+    must find the same data there), world_size."""
     return {
-        "format_version": FORMAT, "kind": kind, "model_name": model_name,
+        "format_version": FORMAT, "kind": kind, "model_name": args.model,
         "class_names": list(model.class_names), "model_state": model.state_dict(),
         # The averaged weights are the ones validated, selected and shipped (see model_weights).
         "ema_state": ema.module.state_dict() if ema is not None else None,
@@ -36,9 +55,7 @@ def training_checkpoint(kind, model_name, model, optimizer, state, args, run_nam
         "optimizer_state": optimizer.state_dict(),
         "scaler_state": scaler.state_dict() if scaler is not None else None,
         "train_state": dataclasses.asdict(state), "rng": rng, "args": dict(vars(args)),
-        "run_name": run_name, "pretrained_used": pretrained_used, "dataset": dataset,
-        # {split: faces per class}: a resume with -d must find the same data there
-        "class_counts": class_counts, "world_size": world_size}
+        "run_name": args.run_name, "pretrained_used": False, "world_size": 1, **about}
 
 
 def save(ckpt, path):
@@ -51,23 +68,6 @@ def save(ckpt, path):
                             f"were not written to {path}; the checkpoints already in "
                             f"{os.path.dirname(os.path.abspath(path))} are the last good ones")
     save_torch(ckpt, path)
-
-
-def _upgrade(ckpt):
-    """A format-1 file in today's layout: the run's progress becomes a train_state; its partial
-    training sums and the output folder it named are dropped."""
-    if "step" in ckpt and "stopper" in ckpt:
-        stopper = ckpt["stopper"]
-        ckpt["train_state"] = {"step": ckpt["step"], "best_score": stopper.get("best"),
-                               "bad_validations": stopper.get("bad", 0),
-                               "lr_factor": ckpt.get("lr_factor", 1.0),
-                               "elapsed": ckpt.get("elapsed", 0.0),
-                               "history": list(ckpt.get("history", []))}
-        for key in ("stopper", "running", "step", "lr_factor", "elapsed"):
-            ckpt.pop(key, None)
-    ckpt.pop("out_dir", None)
-    ckpt["format_version"] = FORMAT
-    return ckpt
 
 
 def load(path):
@@ -87,17 +87,17 @@ def load(path):
     if not isinstance(ckpt, dict) or "model_state" not in ckpt or "model_name" not in ckpt:
         raise UserError(f"{path} is a PyTorch file but not a checkpoint of this tool")
     version = ckpt.get("format_version")
-    if version not in (1, FORMAT):
+    if version != FORMAT:
         newer = isinstance(version, int) and version > FORMAT
         raise UserError(f"{path} has checkpoint format {version!r}; this version of the tool reads "
-                        f"formats 1-{FORMAT}" + (" (it was written by a newer version; update the "
-                                                 "tool)" if newer else ""))
+                        f"format {FORMAT}" + (" (it was written by a newer version; update the "
+                                              "tool)" if newer else " (an older version's file)"))
     # The file's class names are its model's classes: FER2013's seven, or a folder's (folders.py).
     problem = class_names_problem(ckpt.setdefault("class_names", list(EMOTIONS)))
     if problem:
         raise UserError(f"{path} names its classes {str(ckpt['class_names'])[:200]}, which is "
                         f"refused: {problem}")
-    return _upgrade(ckpt) if version == 1 else ckpt
+    return ckpt
 
 
 def train_state(ckpt, path):
@@ -107,8 +107,7 @@ def train_state(ckpt, path):
         raise UserError(f"{path} is an inference-only file (no optimiser or progress), so there is "
                         f"no run to resume; to train further from its weights start a new run: "
                         f"python3 run.py -m {ckpt['model_name']} --init_from {path}")
-    fields = {f.name for f in dataclasses.fields(TrainState)}
-    return TrainState(**{k: v for k, v in ckpt["train_state"].items() if k in fields})
+    return TrainState(**ckpt["train_state"])
 
 
 def model_weights(ckpt):
@@ -167,11 +166,17 @@ def file_names(value):
 def export(path, destination):
     """An inference-only copy: the validated weights in fp16 and the run's description; to a
     destination ending in .onnx, an fp32 ONNX model with a dynamic batch (onnx_model.export)."""
+    if os.fspath(path).lower().endswith(".onnx"):
+        raise UserError(f"{path} is already an ONNX file; export from the .pth checkpoint")
     ckpt = load(path)
+    if os.path.exists(destination) and os.path.samefile(path, destination):
+        raise UserError(f"--export {destination} would replace the file it reads"
+                        + (" (and lose its training state)" if "train_state" in ckpt else "")
+                        + ": choose another file name")
     model = build_model(ckpt, source=path)  # refuse to export what could not be loaded
     if os.fspath(destination).lower().endswith(".onnx"):
         import onnx_model  # its packages are optional: needed only here
-        step = ckpt.get("train_state", {}).get("step", ckpt.get("step"))
+        step = ckpt.get("train_state", {}).get("step", ckpt.get("step"))  # an export keeps its "step"
         return onnx_model.export(model, destination, {
             "run_name": ckpt.get("run_name"), "dataset": os.path.basename(ckpt.get("dataset") or ""), "step": step,
             "pretrained_used": ckpt.get("pretrained_used"), "source": os.path.basename(path)})

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from models import CAM_LAYER
-from utils import UserError, atomic_write, save_figure
+from utils import EMOTIONS, UserError, atomic_write, save_figure
 
 
 def cam_layer(model):
@@ -140,3 +140,94 @@ def cam_path(face_path):
     """faces/Happy_3.png -> faces/Happy_3_cam.png: the map is saved beside the face."""
     stem, _ = os.path.splitext(face_path)
     return f"{stem}_cam.png"
+
+
+# ----------------------------------------------------------------------------- maps of reports, photos and videos
+
+def explained_classes(probs, explain_class=None):
+    """The class each face's map explains: the predicted one, or `explain_class` for all."""
+    probs = np.asarray(probs)
+    if explain_class is None:
+        return probs.argmax(1)
+    return np.full(len(probs), int(explain_class))
+
+
+def _cam_note(models):
+    return "" if len(models) == 1 else f", average of the {len(models)} members' maps"
+
+
+def explain_saved_faces(models, result, images, labels, explain_class=None, batch_size=None, device="cpu"):
+    """Grad-CAM maps of the faces a split report saved (`result` from report.report): <face>_cam.png
+    beside each face file, and explain_grid.png, the faces beside their maps. Returns (map paths,
+    grid path)."""
+    indices, probs, names = result["indices"], result["probs"], result["class_names"]
+    if not indices:
+        return [], None
+    explain_class = in_classes(explain_class, names)
+    faces = np.asarray(images)[indices]
+    classes = explained_classes(probs[indices], explain_class)
+    cams = explain_faces(models, faces, classes, batch_size or 64, device)
+    paths = save_cam_images(faces, cams, [cam_path(p) for p in result["files"]["faces"]])
+    titles, colors = [], []
+    for i, c in zip(indices, classes):
+        p = int(np.argmax(probs[i]))
+        titles.append((f"#{i} true {names[labels[i]]}\npred {names[p]} {probs[i][p]:.0%}",
+                       f"Grad-CAM: {names[c]}\n{probs[i][c]:.0%}"))
+        colors.append("#1a7f37" if p == int(labels[i]) else "#cf222e")
+    what = "predicted class" if explain_class is None else names[explain_class]
+    grid = save_explain_grid(faces, cams, titles, os.path.join(result["folder"], "explain_grid.png"),
+                             f"{result['split']}: Grad-CAM of the {what}{_cam_note(models)}", colors)
+    return paths, grid
+
+
+def in_classes(explain_class, names):
+    """--explain_class (an index into FER2013's EMOTIONS) as an index into a model's classes
+    `names` (a model of a folder may have others, in another order); None stays None."""
+    if explain_class is None or tuple(names) == EMOTIONS:
+        return explain_class
+    if EMOTIONS[explain_class] not in names:
+        raise UserError(f"--explain_class {EMOTIONS[explain_class]}: the model has no such class "
+                        f"(its classes: {', '.join(names)})")
+    return list(names).index(EMOTIONS[explain_class])
+
+
+def explain_found_faces(models, found, out_dir, explain_class=None, batch_size=None, device="cpu",
+                        grid_faces=64):
+    """Grad-CAM maps of faces found in photos or video frames: `found` holds (name, faces, probs)
+    per photo or frame. Writes cams/<name>_face<j>.png (the 48x48 crop) and
+    cams/<name>_face<j>_cam.png, and explain_grid.png of the first `grid_faces` faces.
+    Returns (map paths, grid path or None)."""
+    import cv2
+    faces, probs, stems = [], [], []
+    for name, crops, p in found:
+        stems += [os.path.join(out_dir, "cams", f"{name}_face{j}") for j in range(len(crops))]
+        faces.append(crops)
+        probs.append(np.asarray(p))
+    if not stems:
+        return [], None
+    faces, probs = np.concatenate(faces), np.concatenate(probs)
+    classes = explained_classes(probs, explain_class)
+    cams = explain_faces(models, faces, classes, batch_size or 64, device)
+    for face, stem in zip(faces, stems):  # the crop the map belongs to, as the model saw it
+        ok, buf = cv2.imencode(".png", np.ascontiguousarray(face))
+        if not ok:
+            raise OSError(f"could not encode {stem}.png as PNG")
+        atomic_write(f"{stem}.png", lambda f: f.write(buf.tobytes()))
+    paths = save_cam_images(faces, cams, [f"{stem}_cam.png" for stem in stems])
+    k = min(grid_faces, len(faces))
+    titles = []
+    for stem, p, c in zip(stems[:k], probs[:k], classes[:k]):
+        name = os.path.relpath(stem, os.path.join(out_dir, "cams"))
+        titles.append((f"{name[-24:]}\n{EMOTIONS[int(p.argmax())]} {p.max():.0%}",
+                       f"Grad-CAM: {EMOTIONS[c]}\n{p[c]:.0%}"))
+    what = "predicted class" if explain_class is None else EMOTIONS[explain_class]
+    shown = "" if k == len(faces) else f" (first {k} of {len(faces)} faces)"
+    grid = save_explain_grid(faces[:k], cams[:k], titles,
+                                     os.path.join(out_dir, "explain_grid.png"),
+                                     f"Grad-CAM of the {what}{_cam_note(models)}{shown}")
+    return paths, grid
+
+
+def report_maps(cams, grid, out_dir):
+    print(f"wrote {len(cams)} Grad-CAM map(s) to {os.path.join(out_dir, 'cams')}"
+          + (" and explain_grid.png" if grid else ""))

@@ -30,7 +30,7 @@ from collections import Counter
 import numpy as np
 
 import dataset
-import photos
+import faces
 from utils import EMOTIONS, MAX_CLASS_NAME, SIDE, SPLITS, UserError, atomic_write
 
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -126,7 +126,7 @@ def scan(root):
         above = {_identity(root), _identity(top)}
         for name in classes:
             found = _walk(os.path.join(top, name), root, skipped, above)
-            is_image = [path.lower().endswith(photos.READ_EXTENSIONS) for path in found]
+            is_image = [path.lower().endswith(faces.READ_EXTENSIONS) for path in found]
             images += [(path, key, name) for path, image in zip(found, is_image) if image]
             skipped += [(path, NOT_IMAGE) for path, image in zip(found, is_image) if not image]
             if not any(is_image):
@@ -168,11 +168,11 @@ def held_out_usage(files, labels, usage, parts):
     return usage
 
 
-def choose_faces(root, files, faces, log):
+def choose_faces(root, files, how, log):
     """--faces auto: `whole` when the images are small (cropped faces already), else `detect`;
     decided from the sizes of a sample of them (their headers only), and said."""
-    if faces != "auto":
-        return faces
+    if how != "auto":
+        return how
     from PIL import Image
     sides = []
     for path in files[::max(1, len(files) // SIZE_SAMPLE)][:SIZE_SAMPLE]:
@@ -191,42 +191,42 @@ def choose_faces(root, files, faces, log):
     return "detect"
 
 
-def face_of(path, cascade=None):
-    """One image's 48x48 grey face: the whole image, or with a cascade the largest face it finds
-    (with the margin of --images). Raises photos.Skipped."""
-    import cv2
-    image, _, _ = photos.read_image(path)
-    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    if cascade is None:
-        return photos.crop_face(grey, (0, 0, grey.shape[1], grey.shape[0]), 0.0)
-    boxes = photos.detect_faces(cascade, grey)
+def face_of(path, detector=None):
+    """One image's 48x48 grey face: the whole image, or with a detector (faces.DETECTORS) the
+    largest face it finds, with the detector's margin (as --images crops). Raises faces.Skipped."""
+    image, _, _ = faces.read_image(path)
+    grey = faces.grey_of(image)
+    if detector is None:
+        return faces.crop_face(grey, (0, 0, grey.shape[1], grey.shape[0]), 0.0)
+    boxes = detector.detect(image)
     if not boxes:
-        raise photos.Skipped(NO_FACE)
-    return photos.crop_face(grey, max(boxes, key=lambda box: box[2] * box[3]))
+        raise faces.Skipped(NO_FACE)
+    return faces.crop_face(grey, max(boxes, key=lambda box: box[2] * box[3]), detector.margin)
 
 
-def decode(root, files, faces):
-    """Every file's face: {"faces": (N, 48, 48) uint8 of the files that gave one, "kept": their
-    indices, "left": indices of the others, "why": the reasons}. In one thread: on the 2-core dev
-    VM a pool of two decoded small JPEGs slower than one thread (README "Your own data")."""
+def decode(root, files, how):
+    """Every file's face (`how`: whole or detect, as --faces): {"faces": (N, 48, 48) uint8 of the
+    files that gave one, "kept": their indices, "left": indices of the others, "why": the
+    reasons}. In one thread: on the 2-core dev VM a pool of two decoded small JPEGs slower than
+    one thread (README "Your own data")."""
     from tqdm import tqdm
-    cascade = photos.face_detector() if faces == "detect" else None
+    detector = faces.face_detector("haar") if how == "detect" else None
     out = np.zeros((len(files), SIDE, SIDE), np.uint8)
     left = {}
     for i, path in enumerate(tqdm(files, desc="decoding", unit="image", leave=False, disable=None)):
         try:
-            out[i] = face_of(os.path.join(root, path), cascade)
-        except photos.Skipped as why:
+            out[i] = face_of(os.path.join(root, path), detector)
+        except faces.Skipped as why:
             left[i] = str(why)
     kept = np.array([i for i in range(len(files)) if i not in left], np.int64)
     return {"faces": out[kept], "kept": kept, "left": np.array(list(left), np.int64),
             "why": np.array(list(left.values()), str)}
 
 
-def cache_path(root, files, faces):
+def cache_path(root, files, how):
     """The cache file of a folder's faces: named after the folder and keyed on each file's path,
     size and modification time (not on where the folder is: a moved folder keeps its cache)."""
-    key = hashlib.sha1(f"{CACHE_VERSION}|{faces}\n".encode())
+    key = hashlib.sha1(f"{CACHE_VERSION}|{how}\n".encode())
     prefix = os.path.join(root, "")
     for path in files:
         try:
@@ -239,15 +239,15 @@ def cache_path(root, files, faces):
     return os.path.join(dataset.default_cache_dir(), f"{name}-folder-{key.hexdigest()[:16]}.npz")
 
 
-def load_faces(root, files, faces, log):
+def load_faces(root, files, how, log):
     """decode()'s arrays, from the cache when the files have not changed since."""
-    cached = cache_path(root, files, faces)
+    cached = cache_path(root, files, how)
     arrays = dataset.read_cache(cached, log)
     if arrays is not None:
         return arrays
     log(f"decoding {len(files):,} images of {shown(root)} (once: the faces are cached in {cached})")
     started = time.perf_counter()
-    arrays = decode(root, files, faces)
+    arrays = decode(root, files, how)
     # Hashing the pixels takes longer than reading them from the cache: once, kept with them.
     arrays["faces_sha256"] = np.array(hashlib.sha256(arrays["faces"].tobytes()).hexdigest())
     seconds = time.perf_counter() - started
@@ -421,36 +421,11 @@ def changes(data, saved_fingerprint, split_file):
             f"{where}: the same files, but other faces (images edited, or another --faces)")
 
 
-
 def changes_since_training(data, ckpt, ckpt_path):
-    """changes() for infer.py: when `data` is the folder the checkpoint was trained on, but its
+    """changes() for a report (infer.py -d): when `data` is the folder the checkpoint was trained on, but its
     faces are not the ones of the training run."""
     trained = ckpt.get("dataset")
     if not trained or not os.path.isdir(trained) or not os.path.samefile(trained, data.source):
         return None  # another folder: a cross-dataset evaluation
     return changes(data, ckpt.get("args", {}).get("data_sha256"),
                    os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), SPLIT_FILE))
-
-
-def to_classes(labels, class_names, model_names):
-    """Labels renumbered as a model's classes (by name, any case); -1 for a class it does not have."""
-    index = {name.lower(): i for i, name in enumerate(model_names)}
-    return np.array([index.get(name.lower(), -1) for name in class_names], np.int64)[labels]
-
-
-def taken_for(labels, probs, class_names, model_names):
-    """What a model took the faces of classes it does not have for: {class: {"faces": n,
-    "taken_for": {its class: faces, most first}}}."""
-    guesses = np.asarray(probs).argmax(1)
-    return {class_names[label]: {"faces": int((labels == label).sum()), "taken_for": {
-        model_names[k]: n for k, n in Counter(guesses[labels == label].tolist()).most_common()}}
-        for label in np.unique(labels)}
-
-
-def add_file_column(path, files):
-    """A `file` column (each face's image, printable) after the index of a predictions CSV."""
-    import pandas as pd
-    table = pd.read_csv(path, keep_default_na=False)
-    table.insert(1, "file", [shown(f) for f in files])
-    text = table.to_csv(index=False, float_format="%.6f", lineterminator="\n")
-    atomic_write(path, lambda f: f.write(text.encode()))

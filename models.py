@@ -162,7 +162,8 @@ def imagenet_prefix_state():
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     if not os.path.exists(cached):  # say what a download costs before it starts
         print(f"downloading the VGG11-BN ImageNet weights ({weights.meta['_file_size']:.0f} MB, once, "
-              f"into {os.path.dirname(cached)}; the model uses their first 7 layers)", file=sys.stderr)
+              f"into {os.path.dirname(cached)}; the model uses their first 7 layers; Ctrl-C and "
+              "--pretrained no start from random weights instead)", file=sys.stderr)
     state = weights.get_state_dict(progress=not os.path.exists(cached))
     prefix = {k[len("features."):]: v for k, v in state.items()
               if k.startswith("features.") and int(k.split(".")[1]) < 7}

@@ -10,16 +10,19 @@ import csv
 import functools
 import glob
 import io
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 import checkpoint
 import dataset
 import folders
-import infer
+import predict
+import report
 import train
 from models import MODEL_NAMES, build_model, fit_classes
 from utils import (DEFAULT_CSV, Parser, UserError, atomic_write, autocast_dtype, clip, check_writable, device_flags, flag,
@@ -68,9 +71,40 @@ def get_args_parser():
          help="ImageNet weights for the VGG11-BN prefix; auto uses them when cached or "
               "downloadable (default: %(default)s)")
 
+    add_recipe_flags(p)
+
+    g = p.add_argument_group("checkpoints and outputs")
+    flag(g, "--checkpoint", default=None, metavar="FILE",
+         help="resume this run (a *_last.pth file, or the run's folder)")
+    flag(g, "--init_from", default=None, metavar="FILE",
+         help="start a new run (-m) from the weights in this checkpoint or export (fine-tuning)")
+    flag(g, "--checkpoint_dir", default="./checkpoint",
+         help="folder for the run folders of checkpoints (default: %(default)s)")
+    flag(g, "-o", "--output", default="./outputs", help="folder for outputs (default: %(default)s)")
+    flag(g, "--run_name", default=None, help="name of the run folders (default: MODEL_TIME)")
+    flag(g, "--num_save", type=int, default=16, help="test faces saved as images (default: 16)")
+
+    g = p.add_argument_group("hardware")
+    device_flags(g)
+    flag(g, "--threads", "--num_workers", type=int, default=0, dest="threads",
+         help="CPU threads for PyTorch (default: 0, all cores; the data needs no worker processes)")
+    flag(g, "--eval_batch_size", type=int, default=None,
+         help="batch size for validation and the test (default: 64 on a CPU, 512 on a GPU)")
+    flag(g, "--channels_last", action=argparse.BooleanOptionalAction, default=True,
+         help="channels-last memory format (about 2.5x faster convolutions on CPUs; default: on)")
+    flag(g, "--compile", action="store_true", help="torch.compile the model")
+    flag(g, "--sync_bn", action="store_true", help="synchronised BatchNorm under torchrun")
+    flag(g, "--seed", type=int, default=0, help="seed; CPU runs repeat exactly (default: 0)")
+    flag(g, "--debug", action="store_true", help="show Python tracebacks on errors")
+    return p
+
+
+def add_recipe_flags(p):
+    """The flags that shape what is learnt: optimisation, schedule, distillation, augmentation."""
     g = p.add_argument_group("optimisation")
     flag(g, "--optimizer", choices=sorted(DEFAULT_LR), default="sgd",
-         help="sgd = SGD with Nesterov momentum 0.9; adadelta is the classic recipe (default: sgd)")
+         help="sgd = SGD with Nesterov momentum; adadelta is the classic recipe (default: sgd)")
+    flag(g, "--momentum", type=float, default=0.9, help="SGD's Nesterov momentum (default: %(default)s)")
     flag(g, "--lr", type=float, default=None,
          help="peak learning rate (default: sgd 0.02, adamw 1e-3, adadelta 0.1)")
     flag(g, "--batch_size", type=int, default=128, help="training batch size per process (default: 128)")
@@ -82,6 +116,9 @@ def get_args_parser():
     flag(g, "--ema_decay", type=float, default=0.999,
          help="validate, select and ship an exponential moving average of the weights with this "
               "per-step decay; 0 turns it off (default: %(default)s)")
+    flag(g, "--ema_warmup", type=float, default=10.0,
+         help="the average's decay after n steps is min(ema_decay, (1 + n) / (ema_warmup + n)), as "
+              "TensorFlow's ExponentialMovingAverage (default: %(default)g)")
 
     g = p.add_argument_group("schedule and stopping")
     flag(g, "--epoch_num", "--epochs", type=int, default=50, help="number of epochs (default: 50)")
@@ -111,33 +148,17 @@ def get_args_parser():
     flag(g, "--kd_temperature", type=float, default=4.0,
          help="softmax temperature of the soft targets (default: %(default)s)")
 
-    g = p.add_argument_group("augmentation")
+    g = p.add_argument_group("augmentation (batched, see train.augment)")
+    flag(g, "--max_rotate", type=float, default=10.0, help="largest rotation, degrees (default: %(default)g)")
+    flag(g, "--max_shift", type=float, default=0.1,
+         help="largest shift, as a share of the face's side (default: %(default)g)")
+    flag(g, "--scale", type=float, nargs=2, default=(0.9, 1.1), metavar=("MIN", "MAX"),
+         help="zoom range (default: 0.9 1.1)")
     flag(g, "--erase_p", type=float, default=0.5, help="probability of random erasing (default: 0.5)")
-
-    g = p.add_argument_group("checkpoints and outputs")
-    flag(g, "--checkpoint", default=None, metavar="FILE",
-         help="resume this run (a *_last.pth file, or the run's folder)")
-    flag(g, "--init_from", default=None, metavar="FILE",
-         help="start a new run (-m) from the weights in this checkpoint or export (fine-tuning)")
-    flag(g, "--checkpoint_dir", default="./checkpoint",
-         help="folder for the run folders of checkpoints (default: %(default)s)")
-    flag(g, "-o", "--output", default="./outputs", help="folder for outputs (default: %(default)s)")
-    flag(g, "--run_name", default=None, help="name of the run folders (default: MODEL_TIME)")
-    flag(g, "--num_save", type=int, default=16, help="test faces saved as images (default: 16)")
-
-    g = p.add_argument_group("hardware")
-    device_flags(g)
-    flag(g, "--threads", "--num_workers", type=int, default=0, dest="threads",
-         help="CPU threads for PyTorch (default: 0, all cores; the data needs no worker processes)")
-    flag(g, "--eval_batch_size", type=int, default=None,
-         help="batch size for validation and the test (default: 64 on a CPU, 512 on a GPU)")
-    flag(g, "--channels_last", action=argparse.BooleanOptionalAction, default=True,
-         help="channels-last memory format (about 2.5x faster convolutions on CPUs; default: on)")
-    flag(g, "--compile", action="store_true", help="torch.compile the model")
-    flag(g, "--sync_bn", action="store_true", help="synchronised BatchNorm under torchrun")
-    flag(g, "--seed", type=int, default=0, help="seed; CPU runs repeat exactly (default: 0)")
-    flag(g, "--debug", action="store_true", help="show Python tracebacks on errors")
-    return p
+    flag(g, "--erase_area", type=float, nargs=2, default=(0.02, 0.2), metavar=("MIN", "MAX"),
+         help="the erased rectangle's area, as a share of the face (default: 0.02 0.2)")
+    flag(g, "--erase_ratio", type=float, default=3.0,
+         help="the erased rectangle's aspect ratio lies in [1/R, R] (default: %(default)g)")
 
 
 def check_args(args):
@@ -155,6 +176,13 @@ def check_args(args):
              (args.weight_decay >= 0, "--weight_decay must be 0 or more"),
              (0 <= args.label_smoothing < 1, "--label_smoothing must be in [0, 1)"),
              (0 <= args.erase_p <= 1, "--erase_p must be in [0, 1]"),
+             (0 < args.erase_area[0] <= args.erase_area[1] <= 1, "--erase_area needs 0 < MIN <= MAX <= 1"),
+             (args.erase_ratio >= 1, "--erase_ratio must be at least 1"),
+             (0 < args.scale[0] <= args.scale[1], "--scale needs 0 < MIN <= MAX"),
+             (0 <= args.max_shift < 1, "--max_shift must be in [0, 1)"),
+             (0 <= args.max_rotate <= 180, "--max_rotate must be in [0, 180]"),
+             (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
+             (args.ema_warmup >= 1, "--ema_warmup must be at least 1"),
              (0 <= args.ema_decay < 1, "--ema_decay must be in [0, 1)"),
              (0 <= args.kd_alpha <= 1, "--kd_alpha must be in [0, 1]"),
              (args.kd_temperature > 0, "--kd_temperature must be positive"),
@@ -199,9 +227,6 @@ def resolve_run(parser, argv):
         resume = checkpoint.load(args.checkpoint)
         resume["train_state"] = checkpoint.train_state(resume, args.checkpoint)
         saved = {**vars(parser.parse_args([])), **resume["args"]}  # flags added since: defaults
-        saved.pop("num_workers", None)  # the old name of --threads
-        if "ema_decay" not in resume["args"]:
-            saved["ema_decay"] = 0.0  # runs started before --ema_decay existed had none
         typed = typed_flags(parser, argv)
         ignored = sorted(typed - set(RESUME_OVERRIDES) - {"checkpoint"})
         if ignored:
@@ -264,26 +289,27 @@ def make_optimizer(model, args):
     params = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": args.weight_decay},
               {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
     if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True)
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=True)
     if args.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=args.lr)
     return torch.optim.Adadelta(params, lr=args.lr)
 
 
-def training_parts(model, args, train_labels, device):
-    """`model` on `device` in the flags' memory format, and what trains it as the flags ask:
-    (model, optimizer, loss_fn, weight average or None, fp16 loss scaler or None, autocast dtype
-    or None). run.main and tools/bench.py both call this."""
+def training_parts(model, args, train_labels, device, teachers=(), world=1):
+    """train.Parts: `model` on `device` in the flags' memory format, and what trains it as the
+    flags ask (optimiser, loss, weight average, fp16 loss scaler, autocast dtype). run.main and
+    tools/bench.py both call this."""
     model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, args)
     amp_dtype = autocast_dtype(args.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     weights = train.class_weights(train_labels, len(model.class_names)).to(device) if args.wl else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
-    ema = train.weight_average(model, args.ema_decay) if args.ema_decay else None
-    return model, optimizer, loss_fn, ema, scaler, amp_dtype
+    return train.Parts(
+        model, make_optimizer(model, args),
+        torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing),
+        ema=train.weight_average(model, args.ema_decay, args.ema_warmup) if args.ema_decay else None,
+        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+        amp_dtype=amp_dtype, teachers=list(teachers), world=world)
 
 
 def setup_distributed(device_name):
@@ -326,9 +352,9 @@ def claim_run_folder(ckpt_dir, resuming, model_name):
     if not resuming and glob.glob(os.path.join(ckpt_dir, "*.pth")):
         os.remove(lock)
         last = glob.glob(os.path.join(ckpt_dir, f"{model_name}_last.pth"))
-        hint = (f"resume it with: python3 run.py --checkpoint {last[0]}" if last
+        hint = (f"resume it with: python3 run.py --checkpoint {last[0]}, or pick another --run_name" if last
                 else "pick another --run_name")
-        raise UserError(f"{ckpt_dir} already holds a run; {hint} (or choose another --run_name)")
+        raise UserError(f"{ckpt_dir} already holds a run; {hint}")
     for stale in glob.glob(os.path.join(ckpt_dir, ".tmp-*")):
         os.remove(stale)  # we hold the lock: no live process is writing these
     return lock
@@ -369,79 +395,123 @@ def draw_or_warn(plot, *args):
         print(f"warning: could not draw {args[-1]}: {type(err).__name__}: {err}", file=sys.stderr)
 
 
+def class_counts(data):
+    """{split: faces per class} as plain lists: saved in checkpoints, compared on resume."""
+    return {name: counts.tolist() for name, counts in dataset.class_counts(data).items()}
+
+
+@dataclass
+class Run:
+    """One training run as main() drives it: built by prepare(), its state saved by save()."""
+    args: argparse.Namespace
+    data: object  # dataset.FerData: a CSV's faces or a folder's
+    splits: dict  # {"train"|"val"|"test": (images, labels)}
+    parts: train.Parts
+    state: checkpoint.TrainState
+    batches: dataset.Batches
+    val_batches: dataset.Batches
+    paths: dict  # {"best"|"last": checkpoint path}
+    out_dir: str
+    used_imagenet: bool
+    rank: int = 0
+    log: object = print
+    counts: dict = None  # faces per split and class, saved with every checkpoint
+    session_steps: int = 0
+    session_start: float = field(default_factory=time.perf_counter)
+
+
 def main(argv):
-    parser = get_args_parser()
-    args, resume, init = resolve_run(parser, argv)
+    """Train to the next validation, validate, decide, save; then test the best on PrivateTest."""
+    args, resume, init = resolve_run(get_args_parser(), argv)
+    created = {"new": [], "lock": []}  # the run's folders this command created, and its lock
+    try:
+        run = prepare(args, resume, init, created)
+        if run is None:
+            return 0
+        announce(run, resume, init)
+        steps_per_epoch = len(run.batches)
+        total_steps = args.epoch_num * steps_per_epoch
+        every = args.num_iter_to_validate or args.num_epoch_to_validate * steps_per_epoch
+        state, ended = run.state, "finished all epochs"
+        with train.StopRequest() as stop:
+            while state.step < total_steps:
+                if state.bad_validations >= args.patience:
+                    ended = f"early stopping after {args.patience} validations without improvement"
+                    break
+                start_step, started = state.step, time.perf_counter()
+                until = min(total_steps, (state.step // every + 1) * every)
+                train_loss, train_acc, _, stopped = train.train_steps(
+                    run.parts, run.batches, state, args, until, stop, show_progress=run.rank == 0)
+                run.session_steps += state.step - start_step
+                if stopped and state.step < until:
+                    state.elapsed += time.perf_counter() - started
+                    save(run, "last")
+                    ended = f"stopped by {stopped}"
+                    break
+                # (A stop in the step that ends at `until` still gets its validation: the resumed
+                # run starts past it, so that validation would be lost.)
+                if validate(run, train_loss, train_acc, started):
+                    save(run, "best")
+                save(run, "last")
+                if stopped:
+                    ended = f"stopped by {stopped}"
+                    break
+        return finish(run, ended, total_steps)
+    finally:
+        for lock in created["lock"]:
+            if os.path.exists(lock):
+                os.remove(lock)
+        for folder in created["new"]:  # a run that failed before its first save leaves no folders
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+
+
+def prepare(args, resume, init, created):
+    """Everything a run needs: first its folders (the run name is checked and claimed before any
+    download or slow work; `created` records what this command created, which main removes again
+    if it stays empty), then the data and the models. Returns the Run, or None when a resumed run
+    has nothing left to do."""
     rank, world, device = setup_distributed(args.device)
     if resume is not None and resume.get("world_size", 1) != world:
         raise UserError(f"{args.checkpoint} was trained by {resume.get('world_size', 1)} process(es) and "
                         f"this is {world}: resume it with as many (torchrun --nproc_per_node N), since its "
                         "steps, batches and schedule are counted per process")
+    ckpt_dir, out_dir = run_folders(args, resume, world)
+    paths = {kind: os.path.join(ckpt_dir, f"{args.model}_{kind}.pth") for kind in ("best", "last")}
+    if resume is not None and finished(args, resume, out_dir):
+        return None
+    for folder in (os.path.abspath(ckpt_dir), os.path.abspath(out_dir)):  # with the parents made for them
+        while not os.path.exists(folder):
+            created["new"].append(folder)
+            folder = os.path.dirname(folder)
+    if rank == 0:
+        created["lock"].append(claim_run_folder(ckpt_dir, resume is not None, args.model))
+        check_writable(out_dir)
     reuse_freed_memory(device)  # each step's large activations reuse memory, not fault it in again
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    # Inputs first: nothing is created on disk until the data and the models are in hand.
     teachers = load_teachers(args, device)
     data = dataset.load_data(args.dataset, args.skip_bad_rows, args.faces, log=log, training=True)
     # Each split once (a split copies its faces); a missing one fails now, not after training.
     splits = {name: data.split(name) for name in ("train", "val", "test")}
-    train_y = splits["train"][1]
     check_data(data, args, resume, teachers)
-    if resume is not None and resume.get("class_counts") not in (None, class_counts(data)):
+    counts = class_counts(data)
+    if resume is not None and resume.get("class_counts") not in (None, counts):
         raise UserError(f"{args.dataset} is not the data set this run was trained on (faces per split "
                         f"and class differ from those in {args.checkpoint}): resume with that file's -d")
     seed_everything(args.seed + rank)
     model, used_imagenet = initial_model(args, data, init, resume, log)
-    model, optimizer, loss_fn, ema, scaler, amp_dtype = training_parts(model, args, train_y, device)
-    if args.amp and amp_dtype is None:
+    parts = training_parts(model, args, splits["train"][1], device, teachers, world)
+    state = restore(parts, resume, rank) if resume is not None else checkpoint.TrainState()
+    if args.amp and parts.amp_dtype is None:
         log(f"note: --amp needs CUDA or a CPU with bf16 support; training in fp32 on {device.type}")
-
-    state = train.TrainState()
-    if resume is not None:
-        state = resume["train_state"]
-        model.load_state_dict(resume["model_state"])
-        optimizer.load_state_dict(resume["optimizer_state"])
-        if scaler is not None and resume.get("scaler_state"):
-            scaler.load_state_dict(resume["scaler_state"])
-        if ema is not None and resume.get("ema_state") is not None:
-            ema.module.load_state_dict(resume["ema_state"])
-            ema.n_averaged.fill_(resume["ema_updates"])
-        rng = resume["rng"]
-        train.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
-
-    # Where this run writes: checkpoints beside the resumed file, outputs under this command's -o.
-    if resume is not None:
-        run_name = resume["run_name"]
-        if not isinstance(run_name, str) or run_name in ("", ".", "..") or os.path.basename(run_name) != run_name:
-            raise UserError(f"{args.checkpoint} names its run {clip(run_name, 100)!r}, which is not a "
-                            "plain folder name; refused (a checkpoint never chooses where a run writes)")
-        ckpt_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    else:
-        run_name = args.run_name or f"{args.model}_{time.strftime('%Y%m%d-%H%M%S')}"
-        if world > 1:  # every rank must agree on the name rank 0 chose
-            names = [run_name]
-            torch.distributed.broadcast_object_list(names, src=0)
-            run_name = names[0]
-        ckpt_dir = os.path.join(args.checkpoint_dir, run_name)
-    out_dir = os.path.join(args.output, run_name)
-    args.run_name = run_name
-    paths = {kind: os.path.join(ckpt_dir, f"{args.model}_{kind}.pth") for kind in ("best", "last")}
-    new_folders = [f for f in (ckpt_dir, out_dir) if not os.path.exists(f)]
-    lock = claim_run_folder(ckpt_dir, resume is not None, args.model) if rank == 0 else None
-    try:
-        if rank == 0:
-            check_writable(out_dir)
-        return train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, state, paths,
-                              out_dir, used_imagenet, resume, init, device, amp_dtype, rank, world, log,
-                              teachers)
-    finally:
-        if lock is not None and os.path.exists(lock):
-            os.remove(lock)
-        for folder in new_folders:  # a run that failed before its first save leaves no folders
-            if os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
+    parts.model = wrap_model(parts.model, args, device, world)
+    batches = dataset.Batches(*splits["train"], args.batch_size, device, args.seed, rank=rank, world=world)
+    val_batches = dataset.Batches(*splits["val"], eval_batch_size(args.eval_batch_size, device),
+                                  device, shuffle=False, rank=rank, world=world)
+    return Run(args, data, splits, parts, state, batches, val_batches, paths, out_dir,
+               used_imagenet, rank, log, counts)
 
 
 def initial_model(args, data, init, resume, log):
@@ -458,8 +528,8 @@ def initial_model(args, data, init, resume, log):
 
 def check_data(data, args, resume, teachers):
     """A resumed run must find the faces it started with (a folder's are named when they
-    changed); teachers must have the data's classes. A folder's faces setting and fingerprint go
-    into args, so into args.json and every checkpoint."""
+    changed); teachers must have the data's classes, which are the student's. A folder's faces
+    setting and fingerprint go into args, so into args.json and every checkpoint."""
     if resume is not None:
         split_file = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), folders.SPLIT_FILE)
         changed = folders.changes(data, getattr(args, "data_sha256", None), split_file)
@@ -469,162 +539,188 @@ def check_data(data, args, resume, teachers):
     for path, teacher in zip(args.teacher or [], teachers):
         if tuple(teacher.class_names) != tuple(data.class_names):
             raise UserError(f"teacher {path} has the classes {', '.join(teacher.class_names)}; the data's "
-                            f"are {', '.join(data.class_names)}: a teacher must have the same classes")
+                            f"are {', '.join(data.class_names)}: a teacher must have the student's classes")
     if data.files is not None:
         args.faces, args.data_sha256 = data.faces, data.fingerprint
 
 
-def class_counts(data):
-    """{split: faces per class} as plain lists: saved in checkpoints, compared on resume."""
-    return {name: counts.tolist() for name, counts in dataset.class_counts(data).items()}
+def finished(args, resume, out_dir):
+    """True (with a note on how to go on) when the resumed run has no epochs left or stopped
+    early: resuming it again would only test it again."""
+    state, counts = resume["train_state"], resume.get("class_counts") or {}
+    trained = counts.get("Training", counts.get("train"))  # a CSV's split names, or a folder's
+    if trained is None:
+        return False
+    steps_per_epoch = math.ceil(sum(trained) / (args.batch_size * resume.get("world_size", 1)))
+    if state.step >= args.epoch_num * steps_per_epoch:
+        why, how = f"finished all its {args.epoch_num} epochs", "--epoch_num N (more than " + f"{args.epoch_num})"
+    elif state.bad_validations >= args.patience:
+        why, how = (f"stopped early after {args.patience} validations without improvement",
+                    f"--patience N (more than {args.patience})")
+    else:
+        return False
+    print(f"note: {args.run_name} already {why}; its test report is in "
+          f"{os.path.join(out_dir, 'test')} (or the folder of the command that finished it). "
+          f"To train it further: python3 run.py --checkpoint {args.checkpoint} {how}")
+    return True
 
 
-def train_and_test(args, data, splits, model, optimizer, loss_fn, ema, scaler, state, paths, out_dir,
-                   used_imagenet, resume, init, device, amp_dtype, rank, world, log, teachers):
-    """The loop: train to the next validation, validate, decide, save; then the PrivateTest."""
-    train_x, train_y = splits["train"]
-    batches = dataset.Batches(train_x, train_y, args.batch_size, device, args.seed, rank=rank, world=world)
-    val_batches = dataset.Batches(*splits["val"], eval_batch_size(args.eval_batch_size, device),
-                                  device, shuffle=False, rank=rank, world=world)
-    plain_model = model
+def restore(parts, resume, rank):
+    """Load a resumed run's weights, optimiser, scaler, average and RNG; returns its TrainState."""
+    parts.model.load_state_dict(resume["model_state"])
+    parts.optimizer.load_state_dict(resume["optimizer_state"])
+    if parts.scaler is not None and resume.get("scaler_state"):
+        parts.scaler.load_state_dict(resume["scaler_state"])
+    if parts.ema is not None and resume.get("ema_state") is not None:
+        parts.ema.module.load_state_dict(resume["ema_state"])
+        parts.ema.n_averaged.fill_(resume["ema_updates"])
+    rng = resume["rng"]
+    train.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+    return resume["train_state"]
+
+
+def run_folders(args, resume, world):
+    """(checkpoint folder, output folder): beside the resumed file, or checkpoint_dir/RUN; the
+    outputs always under this command's -o. Sets args.run_name."""
+    if resume is not None:
+        run_name = resume["run_name"]
+        if not isinstance(run_name, str) or run_name in ("", ".", "..") or os.path.basename(run_name) != run_name:
+            raise UserError(f"{args.checkpoint} names its run {clip(run_name, 100)!r}, which is not a "
+                            "plain folder name; refused (a checkpoint never chooses where a run writes)")
+        ckpt_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    else:
+        run_name = args.run_name or f"{args.model}_{time.strftime('%Y%m%d-%H%M%S')}"
+        if world > 1:  # every rank must agree on the name rank 0 chose
+            names = [run_name]
+            torch.distributed.broadcast_object_list(names, src=0)
+            run_name = names[0]
+        ckpt_dir = os.path.join(args.checkpoint_dir, run_name)
+    args.run_name = run_name
+    return ckpt_dir, os.path.join(args.output, run_name)
+
+
+def wrap_model(model, args, device, world):
+    """The module the steps train: under torchrun in DistributedDataParallel (synchronised
+    BatchNorm with --sync_bn), compiled with --compile."""
     if world > 1:
         if args.sync_bn:
-            model = plain_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-    steps_per_epoch = len(batches)
-    total_steps = args.epoch_num * steps_per_epoch
-    every = args.num_iter_to_validate or args.num_epoch_to_validate * steps_per_epoch
-    cfg = argparse.Namespace(**vars(args), amp_dtype=amp_dtype, teachers=teachers)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    return torch.compile(model) if args.compile else model
 
-    counts = class_counts(data)  # saved with every checkpoint, computed once
 
-    def save(kind):
-        rng = [train.rng_state()]
-        if world > 1:
-            rng = [None] * world
-            torch.distributed.all_gather_object(rng, train.rng_state())
-        if rank == 0:
-            checkpoint.save(checkpoint.training_checkpoint(
-                kind, args.model, plain_model, optimizer, state, args, args.run_name, rng,
-                scaler=scaler, ema=ema, pretrained_used=used_imagenet, dataset=data.source,
-                class_counts=counts, world_size=world), paths[kind])
+def save(run, kind):
+    """Write the best or last checkpoint (rank 0; every rank's RNG state goes into it)."""
+    rng = [train.rng_state()]
+    if run.parts.world > 1:
+        rng = [None] * run.parts.world
+        torch.distributed.all_gather_object(rng, train.rng_state())
+    if run.rank == 0:
+        parts, args = run.parts, run.args
+        checkpoint.save(checkpoint.training_checkpoint(
+            kind, args, train.unwrap(parts.model), parts.optimizer, run.state, rng, scaler=parts.scaler,
+            ema=parts.ema, pretrained_used=run.used_imagenet, dataset=run.data.source,
+            class_counts=run.counts, world_size=parts.world), run.paths[kind])
 
-    if rank == 0:
-        log(f"{data.source}: {len(train_y)} training, {len(val_batches.labels)} validation faces")
-        log(dataset.class_table(dataset.class_counts(data), data.class_names))
-        if args.wl:
-            log("class weights (inverse frequency, mean 1): " + ", ".join(
-                f"{name} {w:.3f}" for name, w in zip(data.class_names, loss_fn.weight.tolist())))
-        if init is not None:
-            log(f"starting from the weights of {args.init_from} (fine-tuning)")
-        if teachers:
-            log(f"distilling from {len(teachers)} teacher(s) (alpha {args.kd_alpha:g}, temperature "
-                f"{args.kd_temperature:g}): " + ", ".join(
-                    f"{os.path.basename(p)} (sha256 {h[:12]})" for p, h in zip(args.teacher, args.teacher_sha256)))
-        if resume is not None:
-            log(f"resuming {args.run_name} from {args.checkpoint} at step {state.step} "
-                f"(epoch {state.step / steps_per_epoch:.2f})")
-            best = paths["best"]
-            if os.path.exists(best) and os.path.getmtime(best) > os.path.getmtime(args.checkpoint):
-                log(f"note: {best} is newer than {args.checkpoint} (a save was cut short); "
-                    f"continuing from {args.checkpoint}")
-        save_json(vars(args), os.path.join(out_dir, "args.json"))
-        for folder in (out_dir, os.path.dirname(paths["last"])):  # a folder's split, beside the run
-            folders.write_split(data, folder)
-        log(f"{args.model} on {device.type}" + (f" x{world} processes" if world > 1 else "") +
-            f": {steps_per_epoch} steps per epoch, "
-            f"{str(amp_dtype).split('.')[-1] + ' autocast' if amp_dtype else 'fp32'}, ImageNet prefix: {'yes' if used_imagenet else 'no'}"
-            f", weight average: {'decay ' + str(args.ema_decay) if ema is not None else 'off'}; "
-            f"checkpoints in {os.path.dirname(paths['last'])}, outputs in {out_dir}")
 
-    ended, session_start, session_steps = "finished all epochs", time.perf_counter(), 0
-    with train.StopRequest() as stop:
-        while state.step < total_steps:
-            if state.bad_validations >= args.patience:
-                ended = f"early stopping after {args.patience} validations without improvement"
-                break
-            start_step, started = state.step, time.perf_counter()
-            until = min(total_steps, (state.step // every + 1) * every)
-            train_loss, train_acc, _, stopped = train.train_steps(
-                model, optimizer, loss_fn, batches, state, cfg, device, until, stop, ema, scaler,
-                world, show_progress=rank == 0)
-            session_steps += state.step - start_step
-            if stopped and state.step < until:
-                state.elapsed += time.perf_counter() - started
-                save("last")
-                ended = f"stopped by {stopped}"
-                break
-            # (A stop in the step that ends at `until` still gets its validation: the resumed run
-            # starts past it, so that validation would be lost.)
-            if world > 1:
-                # BatchNorm statistics drift apart on each rank's own batches; validate (and save)
-                # with rank 0's, which DDP hands to every rank before each forward anyway.
-                for buffer in [*plain_model.buffers(), *(ema.module.buffers() if ema else [])]:
-                    torch.distributed.broadcast(buffer, 0)
-            with autocast:  # bf16 validation under --amp: 1.7x faster, same accuracy to 0.1%
-                raw = train.evaluate(plain_model, val_batches, world)
-                val_loss, val_acc = raw if ema is None else train.evaluate(ema.module, val_batches, world)
-            train.check_finite(val_loss, state.step, optimizer.param_groups[0]["lr"])
-            improved = state.record(val_loss if args.early_stop == "loss" else val_acc, args.early_stop)
-            if (args.scheduler == "plateau" and not improved
-                    and state.bad_validations % args.plateau_patience == 0):
-                state.lr_factor *= args.plateau_factor
-            state.elapsed += time.perf_counter() - started
-            state.history.append({
-                "step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
-                "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
-                "time": round(state.elapsed, 2),
-                **({"val_loss_raw": raw[0], "val_acc_raw": raw[1]} if ema is not None else {})})
-            per_epoch = (time.perf_counter() - session_start) / session_steps * steps_per_epoch
-            eta = per_epoch * (total_steps - state.step) / steps_per_epoch
-            log(f"epoch {state.step / steps_per_epoch:.2f}/{args.epoch_num}: train loss {train_loss:.4f}"
-                f" acc {train_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}"
-                + (f" (raw weights {raw[1]:.4f})" if ema is not None else "") +
-                f" | best {args.early_stop} {state.best_score:.4f}{' (new)' if improved else ''}"
-                f" | patience left {args.patience - state.bad_validations}"
-                f" | {per_epoch:.0f} s/epoch, {eta / 60:.0f} min to go")
-            if improved:
-                save("best")
-            save("last")
-            if stopped:
-                ended = f"stopped by {stopped}"
-                break
+def validate(run, train_loss, train_acc, started):
+    """Validate (the weight average when there is one), record the result in the history and
+    print one line; True when it is a new best."""
+    args, state, parts = run.args, run.state, run.parts
+    model = train.unwrap(parts.model)
+    if parts.world > 1:
+        # BatchNorm statistics drift apart on each rank's own batches; validate (and save) with
+        # rank 0's, which DDP hands to every rank before each forward anyway.
+        for buffer in [*model.buffers(), *(parts.ema.module.buffers() if parts.ema else [])]:
+            torch.distributed.broadcast(buffer, 0)
+    with predict.autocast(run.val_batches.device, parts.amp_dtype):  # bf16: 1.7x faster, same accuracy to 0.1%
+        raw = train.evaluate(model, run.val_batches, parts.world)
+        val_loss, val_acc = raw if parts.ema is None else train.evaluate(parts.ema.module, run.val_batches, parts.world)
+    train.check_finite(val_loss, state.step, parts.optimizer.param_groups[0]["lr"])
+    improved = state.record(val_loss if args.early_stop == "loss" else val_acc, args.early_stop)
+    if args.scheduler == "plateau" and not improved and state.bad_validations % args.plateau_patience == 0:
+        state.lr_factor *= args.plateau_factor
+    state.elapsed += time.perf_counter() - started
+    steps_per_epoch = len(run.batches)
+    state.history.append({
+        "step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+        "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
+        "lr": parts.optimizer.param_groups[0]["lr"], "time": round(state.elapsed, 2),
+        **({"val_loss_raw": raw[0], "val_acc_raw": raw[1]} if parts.ema is not None else {})})
+    per_epoch = (time.perf_counter() - run.session_start) / run.session_steps * steps_per_epoch
+    eta = per_epoch * (args.epoch_num * steps_per_epoch - state.step) / steps_per_epoch
+    run.log(f"epoch {state.step / steps_per_epoch:.2f}/{args.epoch_num}: train loss {train_loss:.4f}"
+            f" acc {train_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}"
+            + (f" (raw weights {raw[1]:.4f})" if parts.ema is not None else "") +
+            f" | best {args.early_stop} {state.best_score:.4f}{' (new)' if improved else ''}"
+            f" | patience left {args.patience - state.bad_validations}"
+            f" | {per_epoch:.0f} s/epoch, {eta / 60:.0f} min to go")
+    return improved
 
-    if world > 1:
-        # Every rank must hold the same weights after training: compare a checksum.
-        checksum = torch.tensor([sum(p.detach().double().sum() for p in plain_model.parameters())],
-                                device=device)
-        sums = [torch.zeros_like(checksum) for _ in range(world)]
-        torch.distributed.all_gather(sums, checksum)
-        agree = all(torch.equal(s, sums[0]) for s in sums)
-        log(f"weights checksum {checksum.item():.6f}: " + (f"identical on all {world} ranks" if agree
-            else "DIFFERENT across ranks: " + ", ".join(f"{s.item():.6f}" for s in sums)))
-        torch.distributed.destroy_process_group()
-    seconds = time.perf_counter() - session_start
+
+def announce(run, resume, init):
+    """What the run is about to do (rank 0), and its arguments in args.json."""
+    if run.rank != 0:
+        return
+    args, parts, log = run.args, run.parts, run.log
+    log(f"{run.data.source}: {len(run.splits['train'][1])} training, {len(run.val_batches.labels)} validation faces")
+    log(dataset.class_table(dataset.class_counts(run.data), run.data.class_names))
+    if args.wl:
+        log("class weights (inverse frequency, mean 1): " + ", ".join(
+            f"{name} {w:.3f}" for name, w in zip(run.data.class_names, parts.loss_fn.weight.tolist())))
+    if init is not None:
+        log(f"starting from the weights of {args.init_from} (fine-tuning)")
+    if parts.teachers:
+        log(f"distilling from {len(parts.teachers)} teacher(s) (alpha {args.kd_alpha:g}, temperature "
+            f"{args.kd_temperature:g}): " + ", ".join(
+                f"{os.path.basename(p)} (sha256 {h[:12]})" for p, h in zip(args.teacher, args.teacher_sha256)))
+    if resume is not None:
+        log(f"resuming {args.run_name} from {args.checkpoint} at step {run.state.step} "
+            f"(epoch {run.state.step / len(run.batches):.2f})")
+        best = run.paths["best"]
+        if os.path.exists(best) and os.path.getmtime(best) > os.path.getmtime(args.checkpoint):
+            log(f"note: {best} is newer than {args.checkpoint} (a save was cut short); "
+                f"continuing from {args.checkpoint}")
+    save_json(vars(args), os.path.join(run.out_dir, "args.json"))
+    for folder in (run.out_dir, os.path.dirname(run.paths["last"])):  # a folder's split, beside the run
+        folders.write_split(run.data, folder)
+    world, amp = parts.world, parts.amp_dtype
+    log(f"{args.model} on {run.batches.device.type}" + (f" x{world} processes" if world > 1 else "") +
+        f": {len(run.batches)} steps per epoch, "
+        f"{str(amp).split('.')[-1] + ' autocast' if amp else 'fp32'}, ImageNet prefix: {'yes' if run.used_imagenet else 'no'}"
+        f", weight average: {'decay ' + str(args.ema_decay) if parts.ema is not None else 'off'}; "
+        f"checkpoints in {os.path.dirname(run.paths['last'])}, outputs in {run.out_dir}")
+
+
+def finish(run, ended, total_steps):
+    """After the loop: the closing line, history and charts, and the PrivateTest of the best
+    checkpoint. Returns the exit code (130 when stopped by a signal)."""
+    args, state, log = run.args, run.state, run.log
+    seconds = time.perf_counter() - run.session_start
     log(f"{ended}; step {state.step} of {total_steps}, {state.elapsed:.0f} s in all, "
-        f"{session_steps * args.batch_size * world / max(seconds, 1e-9):.0f} training images/s "
+        f"{run.session_steps * args.batch_size * run.parts.world / max(seconds, 1e-9):.0f} training images/s "
         "in this session")
-    if rank != 0:
-        return 130 if ended.startswith("stopped by") else 0
+    if run.parts.world > 1:
+        torch.distributed.destroy_process_group()
+    stopped = ended.startswith("stopped by")
+    if run.rank != 0:
+        return 130 if stopped else 0
     if state.history:
-        write_history(state.history, out_dir)
-        draw_or_warn(plot_curves, state.history, os.path.join(out_dir, "curves.png"))
-    draw_or_warn(functools.partial(dataset.plot_class_distribution, class_names=data.class_names),
-                 dataset.class_counts(data), os.path.join(out_dir, "class_distribution.png"))
-    if ended.startswith("stopped by"):
-        log(f"resume with: python3 run.py --checkpoint {paths['last']}")
+        write_history(state.history, run.out_dir)
+        draw_or_warn(plot_curves, state.history, os.path.join(run.out_dir, "curves.png"))
+    draw_or_warn(functools.partial(dataset.plot_class_distribution, class_names=run.data.class_names),
+                 dataset.class_counts(run.data), os.path.join(run.out_dir, "class_distribution.png"))
+    if stopped:
+        log(f"resume with: python3 run.py --checkpoint {run.paths['last']}")
         return 130
-    if os.path.exists(paths["best"]):
-        test_name = "test (PrivateTest)" if data.files is None else "test"  # a folder's own split
-        log(f"testing the best checkpoint on {test_name}: reports in {os.path.join(out_dir, 'test')}")
-        infer.report([paths["best"]], *splits["test"], os.path.join(out_dir, "test"),
-                     num_save=args.num_save, batch_size=args.eval_batch_size, device=device,
-                     split_name=test_name, log=log)
+    if os.path.exists(run.paths["best"]):
+        device = run.batches.device
+        test_name = "test (PrivateTest)" if run.data.files is None else "test"  # a folder's own split
+        log(f"testing the best checkpoint on the {test_name} split")
+        report.report(predict.load_models(run.paths["best"], device), *run.splits["test"],
+                      os.path.join(run.out_dir, "test"), num_save=args.num_save,
+                      batch_size=args.eval_batch_size, device=device, split_name=test_name, log=log)
     return 0
 
 

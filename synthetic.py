@@ -188,35 +188,39 @@ def _blur3(img):
     return 0.25 * p[:, :, :-2] + 0.5 * p[:, :, 1:-1] + 0.25 * p[:, :, 2:]
 
 
-def _render(P, noise):
-    """Draw a batch of faces from parameter arrays (each (B,)); noise: (B, 48, 48) N(0, 1)."""
-    B = len(P["cx"])
-    Q = {k: np.asarray(v, dtype=np.float32).reshape(B, 1, 1) for k, v in P.items()}
-    yy, xx = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32)
-    xx = xx[None] + 0.5
-    yy = yy[None] + 0.5
-    S = _UNIT * Q["scale"]  # pixels per face unit
-    c, s = np.cos(Q["tilt"]), np.sin(Q["tilt"])
-    dx, dy = xx - Q["cx"], yy - Q["cy"]
-    u = (c * dx + s * dy) / S
-    v = (-s * dx + c * dy) / S
+class _Canvas:
+    """A batch of faces being drawn: the face coordinates (u, v) of every pixel (face units,
+    turned by the tilt), and the image painted over layer by layer."""
 
-    # background: linear gradient between two grey levels
-    t = (np.cos(Q["bg_dir"]) * (xx - SIDE / 2) + np.sin(Q["bg_dir"]) * (yy - SIDE / 2)) / SIDE + 0.5
-    img = Q["bg0"] + (Q["bg1"] - Q["bg0"]) * np.clip(t, 0, 1)
+    def __init__(self, P):
+        B = len(P["cx"])
+        Q = self.Q = {k: np.asarray(v, dtype=np.float32).reshape(B, 1, 1) for k, v in P.items()}
+        yy, xx = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32)
+        xx = xx[None] + 0.5
+        yy = yy[None] + 0.5
+        S = self.S = _UNIT * Q["scale"]  # pixels per face unit
+        c, s = self.c, self.s = np.cos(Q["tilt"]), np.sin(Q["tilt"])
+        dx, dy = xx - Q["cx"], yy - Q["cy"]
+        self.u = (c * dx + s * dy) / S
+        self.v = (-s * dx + c * dy) / S
+        # background: linear gradient between two grey levels
+        t = (np.cos(Q["bg_dir"]) * (xx - SIDE / 2) + np.sin(Q["bg_dir"]) * (yy - SIDE / 2)) / SIDE + 0.5
+        self.img = Q["bg0"] + (Q["bg1"] - Q["bg0"]) * np.clip(t, 0, 1)
 
-    def paint(alpha, tone, win=None):
-        nonlocal img
+    def paint(self, alpha, tone, win=None):
+        """Blend `tone` over the image with opacity `alpha` (inside window `win` when given)."""
         if win is None:
-            img = img + alpha * (tone - img)
+            self.img = self.img + alpha * (tone - self.img)
         else:
             if np.ndim(tone) == 3 and np.shape(tone)[1] > 1:
                 tone = tone[(slice(None),) + win]
-            sub = img[(slice(None),) + win]
+            sub = self.img[(slice(None),) + win]
             sub += alpha * (tone - sub)
 
-    def window(u0, u1, v0, v1, margin=3.0):
-        """Row and column slices covering the face-unit box [u0, u1] x [v0, v1] for the whole batch."""
+    def window(self, u0, u1, v0, v1, margin=3.0):
+        """Row and column slices covering the face-unit box [u0, u1] x [v0, v1] for the whole
+        batch, and u, v inside them."""
+        Q, S, c, s = self.Q, self.S, self.c, self.s
         us = np.array([u0, u1, u0, u1], dtype=np.float32)
         vs = np.array([v0, v0, v1, v1], dtype=np.float32)
         px = Q["cx"][:, :, 0] + S[:, :, 0] * (c[:, :, 0] * us - s[:, :, 0] * vs)
@@ -225,8 +229,13 @@ def _render(P, noise):
         c0, c1 = int(max(np.floor(px.min() - margin), 0)), int(min(np.ceil(px.max() + margin), SIDE))
         r1, c1 = max(r1, r0 + 1), max(c1, c0 + 1)
         win = (slice(r0, r1), slice(c0, c1))
-        return win, u[(slice(None),) + win], v[(slice(None),) + win]
+        return win, self.u[(slice(None),) + win], self.v[(slice(None),) + win]
 
+
+def _render(P, noise):
+    """Draw a batch of faces from parameter arrays (each (B,)); noise: (B, 48, 48) N(0, 1)."""
+    canvas = _Canvas(P)
+    Q, S, u, v, paint = canvas.Q, canvas.S, canvas.u, canvas.v, canvas.paint
     skin = Q["skin"] * (1.0 + Q["light_x"] * u + Q["light_y"] * v)
     dark = Q["skin"] * Q["dark"]
     hair_tone = Q["hair_tone"]
@@ -236,7 +245,7 @@ def _render(P, noise):
     back = back * np.clip((0.25 - v) * S / 3.0, 0, 1)
     paint(back * Q["hair"], hair_tone)
     # neck
-    win, uu, vv = window(-0.5, 0.5, 0.55, 2.2)
+    win, uu, vv = canvas.window(-0.5, 0.5, 0.55, 2.2)
     neck = _alpha(np.maximum(np.abs(uu) - 0.42, 0.6 - vv), S)
     paint(neck, skin * 0.8, win)
     # face: an egg, narrower at the chin
@@ -245,15 +254,27 @@ def _render(P, noise):
     face = _alpha(face_d, S, 1.2)
     paint(face, skin)
     # fringe: hair over the top of the face, above a wavy hairline
-    win, uu, vv = window(-1.0, 1.0, -1.25, -0.3)
+    win, uu, vv = canvas.window(-1.0, 1.0, -1.25, -0.3)
     line = Q["hairline"] + Q["hair_wave"] * np.cos(7.0 * uu + Q["hair_phase"]) + Q["hair_side"] * uu
     fringe = face[(slice(None),) + win] * np.clip((line - vv) * S / 1.5 + 0.5, 0, 1)
     paint(fringe * Q["hair"], hair_tone, win)
+    _draw_eyes(canvas, dark)
+    _draw_nose(canvas, dark)
+    _draw_mouth(canvas, dark)
 
-    # eyes and brows, one side at a time (side = -1: image left, +1: image right); each feature
-    # is drawn only inside a window of rows and columns that holds it for the whole batch
+    # global contrast, blur and noise
+    img = 128.0 + Q["contrast"] * (canvas.img - 128.0)
+    img = img + Q["blur"] * (_blur3(img) - img)
+    img = img + Q["noise"] * noise
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)  # +0.5 then truncation: rounding
+
+
+def _draw_eyes(canvas, dark):
+    """Eyes and brows, one side at a time (side = -1: image left, +1: image right); each feature
+    is drawn only inside a window of rows and columns that holds it for the whole batch."""
+    Q, S, paint = canvas.Q, canvas.S, canvas.paint
     for side in (-1.0, 1.0):
-        win, uu, vv = window(min(0.0, 0.75 * side), max(0.0, 0.75 * side), -0.8, 0.3)
+        win, uu, vv = canvas.window(min(0.0, 0.75 * side), max(0.0, 0.75 * side), -0.8, 0.3)
         ex = side * Q["eye_x"]
         ey = Q["eye_y"]
         # Disgust: the brow on one side is lowered and the eye under it narrows a bit more
@@ -280,8 +301,11 @@ def _render(P, noise):
         brow = _alpha(_stroke_sd(side * uu, vv, x0, x1, c0, c1, ar, Q["brow_t"]), S)
         paint(0.9 * brow, dark, win)
 
-    # nose: a soft shadow on one side and two nostrils
-    win, uu, vv = window(-0.25, 0.25, -0.15, 0.4)
+
+def _draw_nose(canvas, dark):
+    """A soft shadow on one side and two nostrils."""
+    Q, S, paint = canvas.Q, canvas.S, canvas.paint
+    win, uu, vv = canvas.window(-0.25, 0.25, -0.15, 0.4)
     ny = Q["nose_y"]
     shade = _alpha(_stroke_sd(vv, uu, ny - 0.25, ny - 0.02, 0.06 * np.sign(Q["light_x"] + 1e-3), 0.0, 0.0, 0.05), S, 2.0)
     paint(0.25 * shade, dark, win)
@@ -289,8 +313,11 @@ def _render(P, noise):
         nostril = _alpha(_ellipse_sd(uu, vv, side * 0.065, ny, 0.045, 0.028), S)
         paint(0.55 * nostril, dark, win)
 
-    # mouth: a centre line y(x) and an opening between top(x) and bot(x)
-    win, uu, vv = window(-0.55, 0.55, 0.1, 1.1)
+
+def _draw_mouth(canvas, dark):
+    """A centre line y(x) and an opening between top(x) and bot(x); lips and teeth."""
+    Q, S, paint = canvas.Q, canvas.S, canvas.paint
+    win, uu, vv = canvas.window(-0.55, 0.55, 0.1, 1.1)
     w = Q["mouth_w"]
     r = np.clip(uu / w, -1.0, 1.0)
     r2 = r * r
@@ -310,12 +337,6 @@ def _render(P, noise):
     teeth = (inside * Q["teeth"] * np.clip((teeth_edge - vv) * S + 0.5, 0, 1)
              * np.clip((w * 0.85 - au) * S, 0, 1))
     paint(0.85 * teeth, np.minimum(Q["skin"] * 1.1 + 20.0, 255.0), win)
-
-    # global contrast, blur and noise
-    img = 128.0 + Q["contrast"] * (img - 128.0)
-    img = img + Q["blur"] * (_blur3(img) - img)
-    img = img + Q["noise"] * noise
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8)  # +0.5 then truncation: rounding
 
 
 def make_faces(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -14,51 +14,49 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import NUM_CLASSES, UserError
+import predict
+from utils import NUM_CLASSES, UserError, to_unit_float
 
 
 @dataclass
-class TrainState:
-    """Where a run stands: all of it is saved in the checkpoints and restored on resume."""
-    step: int = 0
-    best_score: float | None = None  # best validation score so far (loss or accuracy)
-    bad_validations: int = 0  # validations since that best
-    lr_factor: float = 1.0  # product of the plateau scheduler's cuts
-    elapsed: float = 0.0  # seconds of training and validation so far, over all sessions
-    history: list = field(default_factory=list)  # one dict per validation
-
-    def record(self, score, mode):
-        """Count a validation score (mode 'loss': lower is better); True when it is a new best."""
-        better = self.best_score is None or (score < self.best_score if mode == "loss"
-                                             else score > self.best_score)
-        self.best_score, self.bad_validations = ((score, 0) if better
-                                                 else (self.best_score, self.bad_validations + 1))
-        return better
+class Parts:
+    """What the training steps work with besides the data: run.training_parts builds it."""
+    model: torch.nn.Module  # the module trained (wrapped for DDP or torch.compile when asked)
+    optimizer: torch.optim.Optimizer
+    loss_fn: torch.nn.Module
+    ema: object = None  # torch.optim.swa_utils.AveragedModel, or None
+    scaler: object = None  # fp16 loss scaler, or None
+    amp_dtype: torch.dtype = None  # autocast dtype, or None for fp32
+    teachers: list = field(default_factory=list)  # eval-mode models to distil from
+    world: int = 1  # processes under torchrun
 
 
-def augment(images, generator, max_rotate=10.0, max_shift=0.1, scale=(0.9, 1.1), erase_p=0.5):
-    """Batched augmentation of uint8 (N, 1, H, W) faces -> float [0, 1].
+def augment(images, generator, args):
+    """Batched augmentation of uint8 (N, 1, H, W) faces -> float [0, 1], with the ranges of
+    `args` (run.py's augmentation flags).
 
     One random affine map per face (rotation, scale, shift, horizontal flip) applied by a single
     grid_sample over the whole batch, then random erasing of one rectangle per face. The random
     numbers come from `generator` (on the CPU) so a run repeats exactly."""
     n, _, h, w = images.shape
-    x = images.float().div_(255)
+    x = to_unit_float(images)
     rnd = torch.rand(n, 6, generator=generator).to(x.device)
-    angle = (rnd[:, 0] * 2 - 1) * math.radians(max_rotate)
-    zoom = scale[0] + rnd[:, 1] * (scale[1] - scale[0])
+    angle = (rnd[:, 0] * 2 - 1) * math.radians(args.max_rotate)
+    zoom = args.scale[0] + rnd[:, 1] * (args.scale[1] - args.scale[0])
     flip = torch.where(rnd[:, 2] < 0.5, -1.0, 1.0)
-    shift = (rnd[:, 3:5] * 2 - 1) * (2 * max_shift)  # grid units span 2 across the image
+    shift = (rnd[:, 3:5] * 2 - 1) * (2 * args.max_shift)  # grid units span 2 across the image
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
                          torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if erase_p > 0:
-        # One rectangle of 2-20% of the face per image, filled with grey noise, with prob erase_p.
+    if args.erase_p > 0:
+        # One rectangle per image (its area a share of the face in --erase_area, its aspect ratio
+        # log-uniform in [1/--erase_ratio, --erase_ratio]), filled with grey noise, with prob erase_p.
         box = torch.rand(n, 5, generator=generator).to(x.device)
-        area = (0.02 + box[:, 0] * 0.18) * h * w
-        ratio = torch.exp((box[:, 1] * 2 - 1) * math.log(3))
+        low, high = args.erase_area
+        area = (low + box[:, 0] * (high - low)) * h * w
+        ratio = torch.exp((box[:, 1] * 2 - 1) * math.log(args.erase_ratio))
         eh = (area * ratio).sqrt().clamp(max=h)
         ew = (area / ratio).sqrt().clamp(max=w)
         top = box[:, 2] * (h - eh)
@@ -67,7 +65,7 @@ def augment(images, generator, max_rotate=10.0, max_shift=0.1, scale=(0.9, 1.1),
         cols = torch.arange(w, device=x.device).view(1, 1, w)
         inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + eh).view(-1, 1, 1)) &
                   (cols >= left.view(-1, 1, 1)) & (cols < (left + ew).view(-1, 1, 1)) &
-                  (box[:, 4] < erase_p).view(-1, 1, 1))
+                  (box[:, 4] < args.erase_p).view(-1, 1, 1))
         noise = torch.rand(x.shape, generator=generator).to(x.device)
         x = torch.where(inside.unsqueeze(1), noise, x)
     return x
@@ -95,27 +93,27 @@ def lr_factor(step, total_steps, warmup_steps, kind):
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@torch.inference_mode()
 def evaluate(model, batches, world=1):
-    """Plain (unweighted) cross-entropy and accuracy over a dataset.Batches, reduced over ranks."""
-    model.eval()
+    """Plain (unweighted) cross-entropy and accuracy over a dataset.Batches, from predict.predict
+    (the one evaluation path), reduced over ranks."""
+    idx = torch.cat(batches.epoch_indices(0)).to(batches.labels.device)  # this rank's shard, in order
+    probs = predict.predict(model, batches.images[idx, 0], batch_size=batches.batch_size,
+                            device=batches.device)
+    labels = batches.labels[idx].cpu().numpy()
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)
     dtype = torch.float32 if batches.device.type == "mps" else torch.float64  # MPS has no float64
-    totals = torch.zeros(3, dtype=dtype, device=batches.device)  # loss sum, correct, faces
-    for _, images, labels in batches.epoch(0):
-        logits = model(images.float().div_(255)).float()
-        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").to(dtype),
-                               (logits.argmax(1) == labels).sum().to(dtype),
-                               torch.tensor(len(labels), dtype=dtype, device=totals.device)])
+    totals = torch.tensor([-np.log(picked).sum(), (probs.argmax(1) == labels).sum(), len(labels)],
+                          dtype=dtype, device=batches.device)  # loss sum, correct, faces
     if world > 1:
         torch.distributed.all_reduce(totals)
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
 
 
-def weight_average(model, decay):
+def weight_average(model, decay, warmup):
     """torch.optim.swa_utils.AveragedModel of `model`: an exponential moving average of its
     weights and BatchNorm statistics, updated after every training step."""
     from torch.optim.swa_utils import AveragedModel
-    return AveragedModel(model, multi_avg_fn=ema_update_fn(decay), use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=ema_update_fn(decay, warmup), use_buffers=True)
 
 
 def unwrap(model):
@@ -124,14 +122,14 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def ema_update_fn(decay):
+def ema_update_fn(decay, warmup=10):
     """A multi_avg_fn for torch.optim.swa_utils.AveragedModel: an exponential moving average
-    whose decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (TensorFlow's
-    ExponentialMovingAverage with num_updates). With a fixed 0.999 the average of a 150-step run
-    would still be mostly its random initialisation."""
+    whose decay warms up as min(decay, (1 + n) / (warmup + n)) after n updates (TensorFlow's
+    ExponentialMovingAverage with num_updates uses warmup 10). With a fixed 0.999 the average of
+    a 150-step run would still be mostly its random initialisation."""
     def update(ema_tensors, tensors, num_averaged):
         n = float(num_averaged)
-        d = min(decay, (1 + n) / (10 + n))
+        d = min(decay, (1 + n) / (warmup + n))
         if ema_tensors[0].is_floating_point():
             torch._foreach_lerp_(ema_tensors, tensors, 1 - d)
         else:  # BatchNorm's num_batches_tracked: keep the model's count
@@ -199,22 +197,22 @@ def check_finite(loss, step, lr):
                         "training stopped and the last good checkpoints were kept. Try a lower --lr.")
 
 
-def train_steps(model, optimizer, loss_fn, batches, state, cfg, device, until, stop, ema=None,
-                scaler=None, world=1, show_progress=True):
-    """Train from state.step up to step `until` (across epoch boundaries), updating `ema` after
-    every step. Returns (train loss, train accuracy, faces seen, why it stopped early or None).
-    With teachers (`cfg.teachers`, eval-mode models) the loss is the distillation loss.
+def train_steps(parts, batches, state, args, until, stop, show_progress=True):
+    """Train parts.model from state.step up to step `until` (across epoch boundaries), updating
+    the weight average after every step; `args` are run.py's settings. Returns (train loss,
+    train accuracy, faces seen, why it stopped early or None). With teachers (parts.teachers) the
+    loss is the distillation loss.
 
     The loss is checked every 20 steps (one host sync, shared with the progress bar); under
     torchrun the ranks agree there on whether a Ctrl-C / SIGTERM (`stop.requested`) stops them."""
     from tqdm import tqdm
+    model, optimizer = parts.model, parts.optimizer
     steps_per_epoch = len(batches)
-    total_steps = cfg.epoch_num * steps_per_epoch
-    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-    autocast = torch.autocast(device.type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype is not None)
-    sums = torch.zeros(3, device=device)  # loss * faces, correct answers, faces
+    total_steps = args.epoch_num * steps_per_epoch
+    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+    sums = torch.zeros(3, device=batches.device)  # loss * faces, correct answers, faces
     first_epoch = state.step // steps_per_epoch
-    bar = tqdm(total=until - state.step, desc=f"epoch {first_epoch + 1}/{cfg.epoch_num}",
+    bar = tqdm(total=until - state.step, desc=f"epoch {first_epoch + 1}/{args.epoch_num}",
                disable=not show_progress, leave=False, dynamic_ncols=True)
     model.train()
     stopping = None
@@ -222,31 +220,31 @@ def train_steps(model, optimizer, loss_fn, batches, state, cfg, device, until, s
         epoch, start = divmod(state.step, steps_per_epoch)
         stop_at = min(steps_per_epoch, start + until - state.step)
         for batch, images, labels in batches.epoch(epoch, start, stop_at):
-            lr = cfg.lr * state.lr_factor * lr_factor(state.step, total_steps, warmup_steps,
-                                                      cfg.scheduler)
+            lr = args.lr * state.lr_factor * lr_factor(state.step, total_steps, warmup_steps,
+                                                       args.scheduler)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = augment(images, batch_generator(cfg.seed, epoch, batch), erase_p=cfg.erase_p)
-            if cfg.channels_last:
+            x = augment(images, batch_generator(args.seed, epoch, batch), args)
+            if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
+            with predict.autocast(batches.device, parts.amp_dtype):
                 logits = model(x)
-                soft_targets = (teacher_probabilities(cfg.teachers, x, cfg.kd_temperature)
-                                if cfg.teachers else None)
-            loss = loss_fn(logits.float(), labels)
+                soft_targets = (teacher_probabilities(parts.teachers, x, args.kd_temperature)
+                                if parts.teachers else None)
+            loss = parts.loss_fn(logits.float(), labels)
             if soft_targets is not None:
-                loss = distillation_loss(loss, logits.float(), soft_targets, cfg.kd_alpha,
-                                         cfg.kd_temperature)
+                loss = distillation_loss(loss, logits.float(), soft_targets, args.kd_alpha,
+                                         args.kd_temperature)
             optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:  # fp16 only; bf16 needs no loss scaling
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+            if parts.scaler is not None:  # fp16 only; bf16 needs no loss scaling
+                parts.scaler.scale(loss).backward()
+                parts.scaler.step(optimizer)
+                parts.scaler.update()
             else:
                 loss.backward()
                 optimizer.step()
-            if ema is not None:
-                ema.update_parameters(unwrap(model))
+            if parts.ema is not None:
+                parts.ema.update_parameters(unwrap(model))
             state.step += 1
             correct = (logits.detach().argmax(1) == labels).sum().float()
             sums += torch.stack([loss.detach() * len(labels), correct, torch.ones_like(correct) * len(labels)])
@@ -255,11 +253,11 @@ def train_steps(model, optimizer, loss_fn, batches, state, cfg, device, until, s
                 loss_sum, correct, seen = sums.tolist()
                 check_finite(loss_sum / seen, state.step, lr)
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-                if world > 1:
-                    flag = torch.tensor([float(stop.requested is not None)], device=device)
+                if parts.world > 1:
+                    flag = torch.tensor([float(stop.requested is not None)], device=batches.device)
                     torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
                     stopping = (stop.requested or "SIGTERM") if flag.item() else None
-            if world == 1:
+            if parts.world == 1:
                 stopping = stop.requested
             if stopping:
                 break

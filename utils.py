@@ -89,6 +89,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def emotion_index(value):
+    """An argparse type: an emotion name in any case -> its index, with the closest name
+    suggested on a typo."""
+    by_lower = {name.lower(): name for name in EMOTIONS}
+    return EMOTIONS.index(by_lower.get(value.lower()) or one_of(EMOTIONS, "emotion")(value))
+
+
 def flag(group, *names, **kwargs):
     """group.add_argument with a `-` spelling added for every `_` one, and the other way round."""
     spellings = []
@@ -165,6 +172,11 @@ def save_figure(fig, path, dpi=100):
     return path
 
 
+def to_unit_float(images):
+    """uint8 images as float in [0, 1] (float images: as float32, unchanged)."""
+    return images.float().div_(255) if not images.is_floating_point() else images.float()
+
+
 def file_sha256(path):
     """The hex sha256 of a file's bytes (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
@@ -193,9 +205,11 @@ def check_writable(folder):
         raise UserError(f"cannot write to {folder}: {err.strerror or err}") from err
 
 
-def new_folder(path):
-    """Create `path`, or `path_2`, `path_3`, ... where it exists, and return the one created: two
-    calls started in the same second never share a timestamped folder."""
+def new_folder(path, empty_is_new=False):
+    """Create `path`, or `path_2`, `path_3`, ... where it exists, and return the one created:
+    results never mix with earlier ones, and two calls started in the same second never share a
+    timestamped folder. `empty_is_new`: an empty folder that exists is taken as it is (a folder
+    the user made for the results)."""
     check_writable(os.path.dirname(path) or ".")
     candidate, k = path, 1
     while True:
@@ -203,6 +217,8 @@ def new_folder(path):
             os.mkdir(candidate)
             return candidate
         except FileExistsError:
+            if empty_is_new and os.path.isdir(candidate) and not os.listdir(candidate):
+                return candidate
             k += 1
             candidate = f"{path}_{k}"
 

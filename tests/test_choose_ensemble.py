@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import dataset
-import infer
 import synthetic
 import utils
+import predict
 from tests.test_infer import random_model, run_cli, save_checkpoint
 from tools import choose_ensemble
 
@@ -53,7 +53,7 @@ def test_ranks_every_subset_and_tta_on_publictest_only(setup, tmp_path, monkeypa
     monkeypatch.setattr(dataset.FerData, "split", real_split)
     images, labels = dataset.load_fer2013(csv).split("val")
     for row in ranking:  # each figure is what infer.py computes for that ensemble
-        probs = infer.predict(infer.load_models(row["members"]), images, row["tta"])
+        probs = predict.predict(predict.load_models(row["members"]), images, row["tta"])
         assert row["accuracy"] == pytest.approx(float((probs.argmax(1) == labels).mean()))
     happy_share = float(np.mean(labels == utils.EMOTIONS.index("Happy")))
     assert [r["accuracy"] for r in ranking if r["members"] == [paths[2]]] == pytest.approx([happy_share] * 2)

@@ -7,11 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-import checkpoint
 import dataset
-import infer
 import run
 import synthetic
+import predict
 from utils import UserError, file_sha256
 
 
@@ -47,7 +46,7 @@ def teacher(faces):
 
 
 def predicted_classes(ckpt_path, images):
-    return infer.predict(infer.load_models(str(ckpt_path)), images).argmax(1)
+    return predict.predict(predict.load_models(str(ckpt_path)), images).argmax(1)
 
 
 def test_a_distilled_student_agrees_with_its_teacher_more_than_one_trained_without(faces, teacher, tmp_path):

@@ -1,6 +1,5 @@
 """Grad-CAM (explain.py, infer.py --explain): the layer table, the maps' shape, that they point at
 the evidence, and the files the command line writes (all on made-up faces)."""
-import json
 import os
 
 import cv2
@@ -10,10 +9,10 @@ import torch
 from torch import nn
 
 import explain
-import infer
 import models
 import synthetic
 import utils
+import predict
 from test_infer import random_model, run_cli, save_checkpoint
 
 HAPPY, SAD, NEUTRAL = (utils.EMOTIONS.index(e) for e in ("Happy", "Sad", "Neutral"))
@@ -183,13 +182,13 @@ def test_split_report_writes_a_map_beside_each_face_and_a_grid(ckpts, tmp_path, 
         cam = cv2.imread(str(out / "faces" / face.replace(".png", "_cam.png")))
         assert cam.shape == (*crop.shape, 3)
     assert (out / "explain_grid.png").stat().st_size > 1000
-    saved = json.loads((out / "metrics.json").read_text())
-    assert len(saved["files"]["cams"]) == 5 and saved["files"]["explain_grid"].endswith("explain_grid.png")
-    # Again without --explain: the maps and the grid of the first run are gone.
+    # Again without --explain: a new folder, without maps; the first one is kept as it was.
     code, _, err = run_cli(["-c", ckpts[0], "-d", csv, "-o", str(out), "--num_save", "3",
                             "--device", "cpu"], capsys)
     assert code == 0, err
-    assert len(os.listdir(out / "faces")) == 3 and not (out / "explain_grid.png").exists()
+    again = tmp_path / "out_2"
+    assert len(os.listdir(again / "faces")) == 3 and not (again / "explain_grid.png").exists()
+    assert len(os.listdir(out / "faces")) == 10 and (out / "explain_grid.png").exists()
 
 
 def test_explain_class_and_an_ensemble_on_photos(ckpts, tmp_path, capsys):
@@ -220,7 +219,7 @@ def test_explain_class_and_an_ensemble_on_photos(ckpts, tmp_path, capsys):
         cv2.imread(str(out / "cams" / "crops/face1.png_face0.png"), cv2.IMREAD_GRAYSCALE), images[1])
     assert (out / "explain_grid.png").exists()
     # The map written is the ensemble's map of Sad for that face.
-    models_ = infer.load_models(ckpts)
+    models_ = predict.load_models(ckpts)
     expected = explain.explain_faces(models_, images[1:2], [SAD])[0]
     written = cv2.imread(str(out / "cams" / "crops/face1.png_face0_cam.png"))
     np.testing.assert_array_equal(written, explain.overlay(images[1], expected))

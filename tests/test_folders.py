@@ -12,9 +12,9 @@ import torch
 
 import checkpoint
 import dataset
+import faces
 import folders
 import infer
-import photos
 import run
 import synthetic
 import utils
@@ -184,11 +184,12 @@ def test_faces_are_found_in_large_photos_and_photos_without_one_are_left_out(pho
     assert data.files == ["happy/astronaut.jpg"] and data.class_names == ("Happy",)
     assert data.skipped == [("neutral/wall.png", folders.NO_FACE)]
     # The same face as --images crops: the same detector, the largest face, the same margin.
-    image, _, _ = photos.read_image(str(photo_folder / "happy" / "astronaut.jpg"))
-    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    box = max(photos.detect_faces(photos.face_detector(), grey), key=lambda b: b[2] * b[3])
+    image, _, _ = faces.read_image(str(photo_folder / "happy" / "astronaut.jpg"))
+    grey = faces.grey_of(image)
+    detector = faces.face_detector("haar")
+    box = max(detector.detect(image), key=lambda b: b[2] * b[3])
     assert 700 < box[0] < 1212 and 300 < box[1] < 812  # on the astronaut
-    assert np.array_equal(data.images[0], photos.crop_face(grey, box, photos.FACE_MARGIN))
+    assert np.array_equal(data.images[0], faces.crop_face(grey, box, faces.FACE_MARGIN))
     whole = folders.load_folder(str(photo_folder), faces="whole")
     assert len(whole.files) == 2 and np.array_equal(
         whole.images[0], cv2.resize(grey, (48, 48), interpolation=cv2.INTER_AREA))
@@ -237,6 +238,9 @@ def test_a_run_on_a_folder_learns_and_infer_judges_the_same_test_faces(tmp_path,
     tested = split[split["split"] == "test"]
     assert predictions["file"].tolist() == tested["file"].tolist()
     assert (predictions["true_emotion"] == tested["class"].to_numpy()).all()
+    last = str(tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth")  # a folder's run knows when it is done
+    code, out, err = cli(run.main, ["--checkpoint", last, "-o", str(tmp_path / "out")], capsys)
+    assert code == 0 and "already finished all its 6 epochs" in out, out + err
 
 
 def test_resuming_on_a_changed_folder_names_what_changed(tmp_path, capsys):
@@ -305,9 +309,28 @@ def test_a_model_of_other_classes_is_evaluated_in_its_classes_and_refused_for_ph
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["class_names"] == names and metrics["n"] == 20
     assert metrics["per_class"]["Happy"]["support"] == 0 and metrics["per_class"]["contempt"]["support"] == 10
+    if kind == ".pth":  # Grad-CAM of a class by FER2013's name, at its place among the model's classes
+        code, out, err = cli(infer.main, ["-c", str(path), "-d", str(root), "--split", "all", "-o",
+                                          str(tmp_path / "x"), "--num_save", "2", "--explain_class", "sad"], capsys)
+        assert code == 0 and (tmp_path / "x" / "explain_grid.png").exists(), err
+        code, out, err = cli(infer.main, ["-c", str(path), "-d", str(root), "--split", "all", "-o",
+                                          str(tmp_path / "y"), "--num_save", "2", "--explain_class", "angry"], capsys)
+        assert code == 2 and "--explain_class Angry: the model has no such class" in err, err
     code, out, err = cli(infer.main, ["-c", str(path), "--images", str(root / "sad" / "000.png"),
                                       "-o", str(tmp_path / "p")], capsys)
     assert code == 2 and "--images and --video need a model of FER2013's seven classes" in err
+
+
+def test_a_teacher_must_have_the_classes_of_the_data(tmp_path, capsys):
+    root = tmp_path / "faces"
+    write_folder(root, {"happy": 3, "sad": 4}, 6)
+    teacher = tmp_path / "seven.pth"  # FER2013's seven classes, the folder has two
+    torch.save({"format_version": checkpoint.FORMAT, "model_name": "vgg2_0_2", "class_names": list(utils.EMOTIONS),
+                "model_state": FerNet("vgg2_0_2").state_dict()}, teacher)
+    code, out, err = cli(run.main, run_args(root, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "1",
+                                            "--teacher", str(teacher)), capsys)
+    assert code == 2 and "a teacher must have the student's classes" in err, err
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists()
 
 
 def test_a_folder_export_of_a_csv_loads_to_the_same_faces(tmp_path):

@@ -1,10 +1,13 @@
 """infer.py: split reports, TTA, ensembles, own photos, and bad inputs (all on made-up data)."""
 import glob
+import importlib.util
 import json
 import os
 import resource
 import shutil
 import struct
+import sys
+import threading
 import zlib
 
 import cv2
@@ -14,10 +17,12 @@ import pytest
 import torch
 
 import infer
-import photos
 import synthetic
 import checkpoint
 import utils
+import predict
+import report
+import faces
 from models import FerNet
 
 N_TEST = 30
@@ -125,7 +130,7 @@ def astronaut_jpg(tmp_path_factory):
 def test_report_writes_consistent_metrics_and_files(ckpts, split, tmp_path, capsys):
     images, labels = split
     out = tmp_path / "rep"
-    m = infer.report([ckpts["a"]], images, labels, str(out), num_save=5, batch_size=16)
+    m = report.report(predict.load_models([ckpts["a"]]), images, labels, str(out), num_save=5, batch_size=16)
     printed = capsys.readouterr().out
     for word in ("loss", "accuracy", "macro-F1", "precision", "recall", "Disgust", "support"):
         assert word in printed
@@ -167,15 +172,15 @@ def test_constant_model_gives_exact_metrics(ckpts, split, tmp_path):
     """A model that always says Happy: accuracy is the share of Happy, loss is -log p(label)."""
     images, labels = split
     p = torch.softmax(ckpts["bias"].double(), 0).numpy()
-    models = infer.load_models([ckpts["happy"]])
-    m, _ = infer.compute_metrics(infer.predict(models, images, batch_size=7), labels)
+    models = predict.load_models([ckpts["happy"]])
+    m, _ = report.compute_metrics(predict.predict(models, images, batch_size=7), labels)
     assert set(m) >= {"loss", "accuracy", "n", "macro_f1"}
     assert m["n"] == N_TEST
     assert m["accuracy"] == pytest.approx(np.mean(labels == 3))
     assert m["loss"] == pytest.approx(-np.log(p[labels]).mean(), rel=1e-5)
     share = np.mean(labels == 3)
     assert m["macro_f1"] == pytest.approx(2 * share / (1 + share) / 7)  # only Happy scores
-    full = infer.report(ckpts["happy"], images, labels, str(tmp_path), num_save=0)
+    full = report.report(predict.load_models(ckpts["happy"]), images, labels, str(tmp_path), num_save=0)
     assert full["per_class"]["Happy"]["recall"] == 1.0
     assert full["per_class"]["Angry"]["f1"] == 0.0
     assert not (tmp_path / "faces_grid.png").exists()
@@ -184,17 +189,17 @@ def test_constant_model_gives_exact_metrics(ckpts, split, tmp_path):
 def test_classes_absent_from_a_small_split(ckpts, split, tmp_path):
     images, labels = split
     keep = np.isin(labels, [3, 6])
-    m = infer.report([ckpts["a"]], images[keep], labels[keep], str(tmp_path), num_save=2)
+    m = report.report(predict.load_models([ckpts["a"]]), images[keep], labels[keep], str(tmp_path), num_save=2)
     assert m["per_class"]["Disgust"]["support"] == 0
     assert np.array(m["confusion_matrix"]).sum() == keep.sum()
 
 
-@pytest.mark.parametrize("tta", infer.TTA_MODES)
+@pytest.mark.parametrize("tta", predict.TTA_MODES)
 def test_predict_same_at_batch_size_1_and_512(ckpts, split, tta):
-    models = infer.load_models([ckpts["a"], ckpts["b"]])
+    models = predict.load_models([ckpts["a"], ckpts["b"]])
     images = split[0][:6]
-    one = infer.predict(models, images, tta, batch_size=1)
-    big = infer.predict(models, images, tta, batch_size=512)
+    one = predict.predict(models, images, tta, batch_size=1)
+    big = predict.predict(models, images, tta, batch_size=512)
     assert one.shape == (6, 7)
     np.testing.assert_allclose(one, big, atol=1e-5)
     np.testing.assert_allclose(big.sum(1), 1, atol=1e-6)
@@ -202,29 +207,29 @@ def test_predict_same_at_batch_size_1_and_512(ckpts, split, tta):
 
 def test_tta_views_and_ensemble_average(ckpts, split):
     x = torch.rand(3, 1, 48, 48)
-    views = infer.tta_views(x, "tencrop")
+    views = predict.tta_views(x, "tencrop")
     assert len(views) == 10 and all(v.shape == x.shape for v in views.values())
     centre = torch.nn.functional.interpolate(x[..., 2:46, 2:46], size=(48, 48), mode="bilinear",
                                              align_corners=False)
     assert torch.allclose(views["crop_centre"], centre)
     assert torch.equal(views["crop_tl_mirror"], views["crop_tl"].flip(-1))
-    assert set(infer.tta_views(x, "flip")) == {"plain", "mirror"}
+    assert set(predict.tta_views(x, "flip")) == {"plain", "mirror"}
 
-    models = infer.load_models([ckpts["a"], ckpts["b"]])
+    models = predict.load_models([ckpts["a"], ckpts["b"]])
     images = split[0][:8]
-    both = infer.predict(models, images)
-    single = [infer.predict([m], images) for m in models]
+    both = predict.predict(models, images)
+    single = [predict.predict([m], images) for m in models]
     np.testing.assert_allclose(both, (single[0] + single[1]) / 2, atol=1e-6)
     # Mirror-symmetric faces: flip TTA cannot change anything.
     symmetric = np.concatenate([images[:, :, :24], images[:, :, :24][:, :, ::-1]], 2)
-    np.testing.assert_allclose(infer.predict(models, symmetric, "flip"),
-                               infer.predict(models, symmetric), atol=1e-6)
+    np.testing.assert_allclose(predict.predict(models, symmetric, "flip"),
+                               predict.predict(models, symmetric), atol=1e-6)
 
 
 @pytest.mark.parametrize("tta", ["flip", "tencrop"])
 def test_report_with_tta_and_ensemble_keeps_both_results(ckpts, split, tmp_path, capsys, tta):
     images, labels = split
-    m = infer.report([ckpts["a"], ckpts["b"]], images, labels, str(tmp_path), tta=tta, num_save=3)
+    m = report.report(predict.load_models([ckpts["a"], ckpts["b"]]), images, labels, str(tmp_path), tta=tta, num_save=3)
     printed = capsys.readouterr().out
     assert "without TTA" in printed and f"TTA {tta}" in printed
     assert m["tta"] == tta and m["models"] == ["vgg2_0_2", "vgg2_0_2"]
@@ -236,9 +241,10 @@ def test_report_with_tta_and_ensemble_keeps_both_results(ckpts, split, tmp_path,
     assert (tmp_path / "confusion_matrix_plain_normalized.png").exists()
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["plain"]["accuracy"] == m["plain"]["accuracy"] and saved["tta"] == tta
-    infer.report([ckpts["a"]], images, labels, str(tmp_path), num_save=0)  # again, without TTA
-    assert not (tmp_path / "predictions_plain.csv").exists()
-    assert not (tmp_path / "faces_grid.png").exists() and not os.listdir(tmp_path / "faces")
+    again = report.report(predict.load_models([ckpts["a"]]), images, labels, str(tmp_path), num_save=0)
+    assert again["folder"] == f"{tmp_path}_2"  # a new folder: nothing of the first report mixes in
+    assert sorted(os.listdir(again["folder"])) == ["confusion_matrix.png", "confusion_matrix_normalized.png",
+                                                   "metrics.json", "predictions.csv"]
 
 
 def test_cli_on_a_dataset_csv(ckpts, tmp_path, monkeypatch, capsys):
@@ -272,12 +278,13 @@ def test_cli_amp_computes_in_bf16_close_to_fp32(ckpts, tmp_path, monkeypatch, ca
         assert losses[True] != losses[False] and abs(losses[True] - losses[False]) < 0.02
 
 
-def test_default_output_folder_names_the_checkpoint():
+def test_default_output_folder_is_short_and_names_the_checkpoint():
     assert infer.default_output_dir(["checkpoint/run1/vgg2_0_2_best.pth"]) == os.path.join(
-        "outputs", "infer", "run1", "vgg2_0_2_best")
-    assert "ensemble" in infer.default_output_dir(["a/x.pth", "b/y.pth"])
+        "outputs", "run1_vgg2_0_2_best_test")
+    assert infer.default_output_dir(["a/x.pth", "b/y.pth"], split="val") == os.path.join("outputs", "ensemble_x+y_val")
     # each --images call gets its own folder, so no folder mixes two calls' files
-    assert os.path.basename(infer.default_output_dir(["a/x.pth"], images=True)).startswith("photos_")
+    photos = infer.default_output_dir(["a/x.pth"], "photos")
+    assert os.path.dirname(photos) == "outputs" and os.path.basename(photos).startswith("photos_")
 
 
 def test_photo_calls_started_in_the_same_second_keep_their_own_folders(ckpts, split, tmp_path,
@@ -289,7 +296,7 @@ def test_photo_calls_started_in_the_same_second_keep_their_own_folders(ckpts, sp
         code, stdout, err = run_cli(["-c", ckpts["a"], "--images", "face.png", "--no-detect",
                                      "--device", "cpu"], capsys)
         assert code == 0, err
-    base = tmp_path / infer.default_output_dir([ckpts["a"]])
+    base = tmp_path / "outputs"
     assert sorted(os.listdir(base)) == ["photos_then", "photos_then_2"]
     assert all(len(pd.read_csv(base / name / "faces.csv")) == 1 for name in os.listdir(base))
 
@@ -301,21 +308,21 @@ def test_fp16_checkpoint_and_run_folder(ckpts, split, tmp_path):
     folder.mkdir()
     torch.save({"format_version": checkpoint.FORMAT, "model_name": "vgg2_0_2",
                 "model_state": half}, folder / "vgg2_0_2_best.pth")
-    models = infer.load_models(str(folder))  # a run folder stands for its *_best.pth
-    reference = infer.load_models(ckpts["a"])
-    np.testing.assert_allclose(infer.predict(models, split[0][:4]),
-                               infer.predict(reference, split[0][:4]), atol=1e-2)
+    models = predict.load_models(str(folder))  # a run folder stands for its *_best.pth
+    reference = predict.load_models(ckpts["a"])
+    np.testing.assert_allclose(predict.predict(models, split[0][:4]),
+                               predict.predict(reference, split[0][:4]), atol=1e-2)
 
 
 def test_predict_rejects_bad_arguments(ckpts, split):
-    models = infer.load_models(ckpts["a"])
+    models = predict.load_models(ckpts["a"])
     with pytest.raises(ValueError, match="tta"):
-        infer.predict(models, split[0][:2], "rotate")
+        predict.predict(models, split[0][:2], "rotate")
     with pytest.raises(ValueError, match="batch_size"):
-        infer.predict(models, split[0][:2], batch_size=0)
+        predict.predict(models, split[0][:2], batch_size=0)
     with pytest.raises(ValueError, match="48"):
-        infer.predict(models, np.zeros((2, 32, 32), np.uint8))
-    assert infer.predict(models, np.zeros((0, 48, 48), np.uint8)).shape == (0, 7)
+        predict.predict(models, np.zeros((2, 32, 32), np.uint8))
+    assert predict.predict(models, np.zeros((0, 48, 48), np.uint8)).shape == (0, 7)
 
 
 # ----------------------------------------------------------------------------- own photos
@@ -333,13 +340,16 @@ def test_shipped_model_sees_the_smiling_astronaut_as_happy(astronaut_jpg, tmp_pa
         assert list(table["emotion"]) == ["Happy"] and table["confidence"][0] > 0.5
 
 
-def test_photos_without_checkpoint_use_the_shipped_default(astronaut_jpg, tmp_path, capsys):
-    """`infer.py --images photo.jpg` needs no --checkpoint: the best shipped model (<= 25 MB)."""
-    assert os.path.getsize(infer.DEFAULT_CHECKPOINT) <= 25e6
-    code, stdout, err = run_cli(["--images", astronaut_jpg, "-o", str(tmp_path / "out")], capsys)
+def test_the_quick_start_photo_with_the_shipped_default(tmp_path, capsys):
+    """README's quick start, `infer.py --images samples/astronaut.jpg`: no --checkpoint (the best
+    shipped model, <= 25 MB), no download, and a line for the face in the terminal."""
+    assert os.path.getsize(predict.DEFAULT_CHECKPOINT) <= 25e6
+    sample = os.path.join(os.path.dirname(predict.DEFAULT_CHECKPOINT), "..", "samples", "astronaut.jpg")
+    code, stdout, err = run_cli(["--images", sample, "-o", str(tmp_path / "out")], capsys)
     assert code == 0, err
     assert "fer2013_vgg2_4_2_conv5.pth" in stdout and "vgg2_4_2_conv5" in stdout
     assert list(pd.read_csv(tmp_path / "out" / "faces.csv")["emotion"]) == ["Happy"]
+    assert "astronaut.jpg face 0: Happy" in stdout
 
 
 def test_astronaut_photo_gives_one_labelled_face(ckpts, astronaut_jpg, tmp_path, capsys):
@@ -353,21 +363,23 @@ def test_astronaut_photo_gives_one_labelled_face(ckpts, astronaut_jpg, tmp_path,
     assert row["emotion"] in utils.EMOTIONS and 0 < row["confidence"] <= 1
     assert 150 < row["x"] < 200 and 40 < row["y"] < 90 and 70 < row["w"] < 130  # her face
     # From Python: the same face and probabilities, from the path or from the decoded picture.
-    models = infer.load_models(ckpts["a"])
+    models = predict.load_models(ckpts["a"])
     image = cv2.imread(astronaut_jpg)
-    for source in (astronaut_jpg, image):
-        [face] = infer.detect_emotions(models, source)
+    from PIL import Image
+    rgb = np.ascontiguousarray(image[:, :, ::-1])
+    for source, colours in ((astronaut_jpg, "bgr"), (image, "bgr"), (rgb, "rgb"), (Image.fromarray(rgb), "bgr")):
+        [face] = predict.detect_emotions(models, source, colours=colours)  # a PIL image is always RGB
         assert face["box"] == tuple(int(row[k]) for k in "xywh")
         assert face["emotion"] == row["emotion"] and list(face["emotions"]) == list(utils.EMOTIONS)
         np.testing.assert_allclose(list(face["emotions"].values()),
                                    [row[f"p_{n}"] for n in utils.EMOTIONS], atol=1e-6)
-    whole = infer.detect_emotions(models, cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), detect=False)
+    whole = predict.detect_emotions(models, cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), detect=False)
     assert [f["box"] for f in whole] == [(0, 0, image.shape[1], image.shape[0])]
-    assert infer.detect_emotions(models, np.zeros((200, 200, 3), np.uint8)) == []  # no face
+    assert predict.detect_emotions(models, np.zeros((200, 200, 3), np.uint8)) == []  # no face
     with pytest.raises(ValueError, match="uint8"):
-        infer.detect_emotions(models, image.astype(np.float32))
+        predict.detect_emotions(models, image.astype(np.float32))
     with pytest.raises(ValueError, match="missing.jpg cannot be read"):
-        infer.detect_emotions(models, str(tmp_path / "missing.jpg"))
+        predict.detect_emotions(models, str(tmp_path / "missing.jpg"))
     assert np.isclose(sum(row[f"p_{n}"] for n in utils.EMOTIONS), 1, atol=1e-4)
     listing = json.loads((out / "faces.json").read_text())
     assert listing["processed"] == 1 and listing["skipped"] == []
@@ -415,8 +427,8 @@ def test_no_detect_takes_each_image_as_a_face(ckpts, split, tmp_path, capsys):
     assert code == 0, err
     table = pd.read_csv(out / "faces.csv")
     assert len(table) == 3 and (table["w"] == 48).all() and (table["x"] == 0).all()
-    models = infer.load_models(ckpts["a"])
-    expected = infer.predict(models, split[0][:3], "flip")
+    models = predict.load_models(ckpts["a"])
+    expected = predict.predict(models, split[0][:3], "flip")
     got = table[[f"p_{n}" for n in utils.EMOTIONS]].to_numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
@@ -457,7 +469,7 @@ def test_huge_image_is_refused_from_its_header(ckpts, astronaut_jpg, tmp_path, c
 
 
 def test_large_jpeg_is_downscaled_while_decoding(ckpts, astronaut_jpg, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(photos, "MAX_PIXELS", 100_000)  # the 512x512 photo now counts as huge
+    monkeypatch.setattr(faces, "MAX_PIXELS", 100_000)  # the 512x512 photo now counts as huge
     out = tmp_path / "out"
     code, _, err = run_cli(["-c", ckpts["a"], "--images", astronaut_jpg, "-o", str(out),
                             "--device", "cpu"], capsys)
@@ -494,14 +506,14 @@ def test_a_face_at_the_edge_is_cropped_as_if_the_picture_went_on(box):
     pad = 20
     wider = cv2.copyMakeBorder(grey, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
     x, y, w, h = box
-    np.testing.assert_array_equal(photos.crop_face(grey, box), photos.crop_face(wider, (x + pad, y + pad, w, h)))
+    np.testing.assert_array_equal(faces.crop_face(grey, box), faces.crop_face(wider, (x + pad, y + pad, w, h)))
 
 
 def test_stacked_faces_get_labels_that_never_overlap_or_leave_their_column():
     boxes = [(100, 0, 60, 40), (110, 42, 60, 40), (95, 84, 60, 40), (105, 126, 60, 40), (100, 168, 60, 40),
              (400, 5, 30, 30), (10, 10, 300, 300)]
     sizes = [(60, 18)] * 5 + [(30, 12), (200, 40)]
-    tops = photos.place_labels(boxes, sizes, 240)
+    tops = faces.place_labels(boxes, sizes, 240)
     rects = [(x, t, x + lw, t + lh) for (x, _, w, _), (lw, lh), t in zip(boxes, sizes, tops) if t is not None]
     assert len(rects) >= 6
     for (x, _, w, _), (lw, lh), t in zip(boxes, sizes, tops):
@@ -512,14 +524,14 @@ def test_stacked_faces_get_labels_that_never_overlap_or_leave_their_column():
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
     # Through annotate: labels shrink or shorten to their box's width; boxes in the emotion's colour.
     image = np.full((240, 480, 3), 255, np.uint8)
-    faces = [(box, utils.EMOTIONS[k % 7], 0.87, k) for k, box in enumerate(boxes[:6])]
-    photos.annotate(image, faces, legend=False)
-    for (x, y, w, h), emotion, _, _ in faces:
-        assert tuple(image[y + h - 1, x + w // 2]) == photos.EMOTION_COLOURS[emotion]  # bottom edge
-        fit = photos.fit_label([f"#0 {emotion} 87%", emotion, emotion[:3]], w, 0.4, 1)
+    labelled = [(box, utils.EMOTIONS[k % 7], 0.87, k) for k, box in enumerate(boxes[:6])]
+    faces.annotate(image, labelled, legend=False)
+    for (x, y, w, h), emotion, _, _ in labelled:
+        assert tuple(image[y + h - 1, x + w // 2]) == faces.EMOTION_COLOURS[emotion]  # bottom edge
+        fit = faces.fit_label([f"#0 {emotion} 87%", emotion, emotion[:3]], w, 0.4, 1)
         assert fit is not None and fit[2] <= w
-    assert len(set(photos.EMOTION_COLOURS.values())) == 7
-    legend = photos.draw_legend(np.zeros((480, 640, 3), np.uint8), [])
+    assert len(set(faces.EMOTION_COLOURS.values())) == 7
+    legend = faces.draw_legend(np.zeros((480, 640, 3), np.uint8), [])
     assert legend[-10:, -10:].any() and not legend[:10, :10].any()  # bottom right by default
 
 
@@ -616,9 +628,9 @@ def test_export_writes_a_small_fp16_checkpoint_that_predicts_the_same(tmp_path):
     assert small.stat().st_size < source.stat().st_size / 3
     ckpt = checkpoint.load(str(small))
     assert ckpt["kind"] == "export" and "optimizer_state" not in ckpt
-    faces = np.random.default_rng(0).integers(0, 256, (32, 48, 48), dtype=np.uint8)
-    full = infer.predict([model], faces)
-    half = infer.predict([checkpoint.build_model(ckpt)], faces)
+    crops = np.random.default_rng(0).integers(0, 256, (32, 48, 48), dtype=np.uint8)
+    full = predict.predict([model], crops)
+    half = predict.predict([checkpoint.build_model(ckpt)], crops)
     assert np.abs(full - half).max() < 2e-2 and (full.argmax(1) == half.argmax(1)).mean() > 0.9
 
 
@@ -629,7 +641,7 @@ def test_export_refuses_to_replace_the_checkpoint_it_reads(ckpts, tmp_path, caps
     before = source.read_bytes()
     other_spelling = tmp_path / "run" / ".." / "run" / "x_last.pth"
     code, _, err = run_cli(["-c", str(other_spelling), "--export", str(source)], capsys)
-    assert code == 2 and "would replace the checkpoint it reads" in err
+    assert code == 2 and "would replace the file it reads" in err
     assert source.read_bytes() == before
     code, _, err = run_cli(["-c", str(tmp_path / "missing.pth"), "--export", str(source)], capsys)
     assert code == 2 and "no checkpoint" in err and source.read_bytes() == before
@@ -642,7 +654,7 @@ def test_exporting_an_export_keeps_weights_and_history_and_drops_paths(tmp_path)
     torch.manual_seed(0)
     weights = {k: v.half() if v.is_floating_point() else v
                for k, v in FerNet("vgg2_0_2").state_dict().items()}
-    torch.save({"format_version": 1, "model_name": "vgg2_0_2", "class_names": list(utils.EMOTIONS),
+    torch.save({"format_version": checkpoint.FORMAT, "kind": "export", "model_name": "vgg2_0_2", "class_names": list(utils.EMOTIONS),
                 "model_state": weights, "history": history, "step": 10,
                 "args": {"dataset": "/home/someone/data/fer2013.csv", "checkpoint": "/home/someone/ckpt/",
                          "lr": 0.02}}, source)
@@ -664,5 +676,37 @@ def test_without_d_the_data_set_the_checkpoint_was_trained_on_is_used(tmp_path, 
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n"] == 21
     gone = save_checkpoint(tmp_path / "b.pth", random_model(0), dataset=str(tmp_path / "moved.csv"))
     code, stdout, err = run_cli(["-c", gone, "-o", str(tmp_path / "out2")], capsys)
-    assert code == 2 and f"was trained on {tmp_path / 'moved.csv'}, which is not there any more" in stdout
-    assert "data/fer2013.csv" in err
+    assert code == 2 and "nothing to do: pass --images PHOTO" in err and "data/fer2013.csv is not there" in err
+    # The bare command with the shipped model: the same advice, not a note about the file's past.
+    code, stdout, err = run_cli([], capsys)
+    assert code == 2 and "nothing to do: pass --images PHOTO" in err and "not there any more" not in stdout
+
+
+def test_a_photo_given_to_video_is_sent_to_images(tmp_path, capsys):
+    photo = tmp_path / "me.jpg"
+    cv2.imwrite(str(photo), np.zeros((64, 64, 3), np.uint8))
+    code, _, err = run_cli(["--video", str(photo), "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and "is a photo, not a video: pass photos with --images" in err
+
+
+@pytest.mark.parametrize("flags, faces_found", [
+    ([], 1), (["--min_face", "200"], 0), (["--strictness", "high"], 1), (["--detector", "haar_profile"], 1),
+    pytest.param(["--detector", "hog"], 1, marks=pytest.mark.skipif(
+        importlib.util.find_spec("dlib") is None, reason="dlib (pip install dlib-bin) is not installed"))])
+def test_detector_settings_on_a_real_photo(ckpts, astronaut_jpg, tmp_path, capsys, flags, faces_found):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["-c", ckpts["a"], "--images", astronaut_jpg, "-o", str(out), "--device", "cpu", *flags],
+                           capsys)
+    assert code == 0, err
+    table = pd.read_csv(out / "faces.csv")
+    found = table[table["emotion"] != "no face"]
+    her_face = found[(found["x"].between(150, 200)) & (found["y"].between(50, 100))]
+    assert len(her_face) == faces_found  # (hog also takes a patch of her suit for a face)
+
+
+def test_the_hog_detector_without_dlib_is_one_clear_error(ckpts, astronaut_jpg, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dlib", None)  # import dlib now fails
+    monkeypatch.setattr(faces, "_per_thread", threading.local())
+    code, _, err = run_cli(["-c", ckpts["a"], "--images", astronaut_jpg, "-o", str(tmp_path / "o"),
+                            "--detector", "hog"], capsys)
+    assert code == 2 and "pip install dlib-bin" in err

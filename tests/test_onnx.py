@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import checkpoint
-import infer
 import models
 import onnx_model
 import synthetic
 import utils
+import predict
 from test_infer import run_cli, save_checkpoint
 
 needs_onnx = pytest.mark.skipif(
@@ -62,14 +62,14 @@ def test_onnx_probabilities_match_pytorch_at_batch_1_and_5(name, faces, tmp_path
     model = lively_model(name, faces)
     source = save_checkpoint(tmp_path / f"{name}.pth", model)
     path = checkpoint.export(source, str(tmp_path / f"{name}.onnx"))
-    ort_model = infer.load_models(path)[0]
+    ort_model = predict.load_models(path)[0]
     assert isinstance(ort_model, onnx_model.OnnxModel) and ort_model.name == name
     batch = ort_model.session.get_inputs()[0].shape[0]
     assert isinstance(batch, str), f"the batch dimension is fixed at {batch}"
-    expected = infer.predict([model], faces)
+    expected = predict.predict([model], faces)
     assert expected.std(0).mean() > 0.05  # the answers differ between faces: a telling comparison
     for batch_size in (1, 5):
-        got = infer.predict([ort_model], faces, batch_size=batch_size)
+        got = predict.predict([ort_model], faces, batch_size=batch_size)
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     # The normalisation is inside: raw [0, 1] faces in, the model's own logits out.
     x = torch.from_numpy(faces[:3]).float().div(255).unsqueeze(1)
@@ -111,7 +111,7 @@ def test_report_and_photos_through_an_onnx_checkpoint(faces, tmp_path, capsys):
                             "-o", str(tmp_path / "photos"), "--device", "cpu", "--no-amp"], capsys)
     assert code == 0, err
     got = pd.read_csv(tmp_path / "photos" / "faces.csv")[columns].to_numpy()
-    np.testing.assert_allclose(got, infer.predict([model], faces[:2]), atol=1e-4)
+    np.testing.assert_allclose(got, predict.predict([model], faces[:2]), atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- clear errors

@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import photos
 import utils
+import faces
+import video
 from tests.test_infer import random_model, run_cli, save_checkpoint
 from tools.bench_video import make_clip
 
@@ -42,7 +43,7 @@ def count_frames(path):
     return n
 
 
-def video(args, ckpt, out, capsys):
+def run_video(args, ckpt, out, capsys):
     return run_cli(["-c", ckpt, "--video", *map(str, args), "-o", str(out), "--device", "cpu"], capsys)
 
 
@@ -51,32 +52,32 @@ def video(args, ckpt, out, capsys):
 def test_clip_gives_rows_times_one_track_video_timeline_and_summary(ckpt, clip, tmp_path, capsys):
     path, truth = clip
     out = tmp_path / "out"
-    code, stdout, err = video([path, "--detect_every", "1"], ckpt, out, capsys)
+    code, stdout, err = run_video([path, "--detect_every", "1"], ckpt, out, capsys)
     assert code == 0, err
     folder = out / "interview"
     table = pd.read_csv(folder / "frames.csv", keep_default_na=False)
-    assert list(table.columns) == photos.frame_columns()
+    assert list(table.columns) == video.frame_columns()
     assert sorted(set(table["frame"])) == list(range(FRAMES))  # every frame, once per face
     assert not table.duplicated(["frame", "track"]).any()
     np.testing.assert_allclose(table["time_s"], table["frame"] / FPS, atol=1e-3)
-    faces = table[table["emotion"] != "no face"]
-    assert sorted(faces["frame"]) == [k for k, boxes in enumerate(truth) if boxes]
+    rows = table[table["emotion"] != "no face"]  # (`faces` is the module)
+    assert sorted(rows["frame"]) == [k for k, boxes in enumerate(truth) if boxes]
     assert (table[table["emotion"] == "no face"]["track"] == "").all()
-    assert faces["track"].nunique() == 1  # the face keeps its id
-    for (_, row), boxes in zip(faces.iterrows(), [b for b in truth if b]):
-        assert photos.iou([int(row[k]) for k in "xywh"], boxes[0]) > 0.5
-    probs = faces[[f"p_{n}" for n in utils.EMOTIONS]].astype(float).to_numpy()
+    assert rows["track"].nunique() == 1  # the face keeps its id
+    for (_, row), boxes in zip(rows.iterrows(), [b for b in truth if b]):
+        assert faces.overlap([int(row[k]) for k in "xywh"], boxes[0]) > 0.5
+    probs = rows[[f"p_{n}" for n in utils.EMOTIONS]].astype(float).to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
-    assert list(faces["emotion"]) == [utils.EMOTIONS[i] for i in probs.argmax(1)]
+    assert list(rows["emotion"]) == [utils.EMOTIONS[i] for i in probs.argmax(1)]
     assert count_frames(folder / "annotated.mp4") == FRAMES
     assert cv2.imread(str(folder / "timeline.png")) is not None
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["frames_analysed"] == FRAMES and not summary["interrupted"]
     assert not summary["stopped_early"]
     (track,) = summary["tracks"]
-    assert track["frames"] == len(faces)
-    assert track["time_on_screen_s"] == pytest.approx(len(faces) / FPS)
-    shares = faces["emotion"].value_counts(normalize=True)
+    assert track["frames"] == len(rows)
+    assert track["time_on_screen_s"] == pytest.approx(len(rows) / FPS)
+    shares = rows["emotion"].value_counts(normalize=True)
     assert track["emotions"] == {n: pytest.approx(shares.get(n, 0), abs=1e-4) for n in utils.EMOTIONS}
     assert track["dominant"] == shares.index[0]
     assert "interview: 16 frame(s) analysed" in stdout and "Traceback" not in err
@@ -85,7 +86,7 @@ def test_clip_gives_rows_times_one_track_video_timeline_and_summary(ckpt, clip, 
 def test_every_nth_frame_default_tracking_and_show_without_gui(ckpt, clip, tmp_path, capsys):
     path, truth = clip
     out = tmp_path / "out"
-    code, _, err = video([path, "--every", "3", "--show"], ckpt, out, capsys)
+    code, _, err = run_video([path, "--every", "3", "--show"], ckpt, out, capsys)
     assert code == 0, err
     table = pd.read_csv(out / "interview" / "frames.csv", keep_default_na=False)
     assert sorted(set(table["frame"])) == list(range(0, FRAMES, 3))
@@ -98,13 +99,13 @@ def test_every_nth_frame_default_tracking_and_show_without_gui(ckpt, clip, tmp_p
 
 
 def test_tracker_keeps_ids_and_smooths():
-    tracker = photos.Tracker(window=3)
+    tracker = video.Tracker(window=3)
     assert tracker.update([(10, 10, 50, 50), (200, 10, 50, 50)], 0) == [1, 2]
     assert tracker.update([(206, 12, 50, 50), (14, 11, 52, 50)], 1) == [2, 1]  # moved, reordered
     ids, boxes = tracker.carry(2, 400, 300)  # between detections: moved on at their speed
     assert ids == [1, 2] and boxes[0][0] == 18 and boxes[1][0] == 212
     assert tracker.update([(300, 200, 40, 40)], 2) == [3]  # a new face far away
-    for frame in range(3, 3 + photos.MAX_MISSED):
+    for frame in range(3, 3 + video.MAX_MISSED):
         tracker.update([], frame)
     assert tracker.update([(22, 12, 52, 50)], 20) == [4]  # gone too long: a new id
     for p, mean in (([1, 0], [1, 0]), ([0, 1], [.5, .5]), ([0, 1], [1 / 3, 2 / 3]), ([0, 1], [0, 1])):
@@ -133,9 +134,9 @@ def test_a_variable_frame_rate_file_gets_its_frames_own_times():
     """A phone video that slows from 30 to 15 frames/s: the times are the frames' timestamps,
     not index / average fps; a file without timestamps falls back to index / fps."""
     stamps = [1000 * i / 30 for i in range(30)] + [1000 + 1000 * i / 15 for i in range(15)]
-    got = [(i, t) for i, t, _ in photos.read_frames(FakeFile(stamps), 2, False, 22.5)]
+    got = [(i, t) for i, t, _ in video.read_frames(FakeFile(stamps), 2, False, 22.5)]
     assert got == [(i, stamps[i] / 1000) for i in range(0, 45, 2)]
-    no_stamps = [t for _, t, _ in photos.read_frames(FakeFile([0.0] * 5), 1, False, 10.0)]
+    no_stamps = [t for _, t, _ in video.read_frames(FakeFile([0.0] * 5), 1, False, 10.0)]
     assert no_stamps == [0.0, 0.1, 0.2, 0.3, 0.4]
 
 
@@ -144,18 +145,18 @@ def test_time_on_screen_follows_the_frames_own_spacing():
     time to the next frame when the face is seen there too, else for the nominal interval."""
     table = pd.DataFrame({"track": 1, "frame": [0, 1, 2, 3, 6, 7], "emotion": "Happy",
                           "time_s": np.array([0, 1, 2, 4, 10, 12]) / 30})
-    [track] = photos.track_summaries(table, 1 / 30, 1)
+    [track] = video.track_summaries(table, 1 / 30, 1)
     assert track["time_on_screen_s"] == round((1 + 1 + 2 + 2) / 30 + 2 / 30, 3)  # frames 3, 7: nominal
 
 
 def test_a_file_is_called_cut_short_only_when_its_frames_and_time_both_stop_early():
     fps = 30.0
-    assert photos.cut_short(149, 4.97, 1, 300, fps)  # stopped half-way: truncated
-    assert not photos.cut_short(299, 9.97, 1, 300, fps)  # read to the end
+    assert video.cut_short(149, 4.97, 1, 300, fps)  # stopped half-way: truncated
+    assert not video.cut_short(299, 9.97, 1, 300, fps)  # read to the end
     # MKV at a variable frame rate: 300 frames estimated from 10 s x 30 fps, 240 in the file,
     # the last one at 9.96 s: complete.
-    assert not photos.cut_short(239, 9.96, 1, 300, fps)
-    assert not photos.cut_short(10, 0.33, 1, 0, fps)  # no count announced: nothing to compare
+    assert not video.cut_short(239, 9.96, 1, 300, fps)
+    assert not video.cut_short(10, 0.33, 1, 0, fps)  # no count announced: nothing to compare
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -174,7 +175,7 @@ def test_bad_videos_are_named_and_the_good_one_still_processed(ckpt, clip, tmp_p
     cut_mp4 = open(clip[0], "rb").read()
     (folder / "cut.mp4").write_bytes(cut_mp4[: len(cut_mp4) // 2])  # its index was at the end
     out = tmp_path / "out"
-    code, stdout, err = video([folder, 9, tmp_path / "missing.mp4"], ckpt, out, capsys)
+    code, stdout, err = run_video([folder, 9, tmp_path / "missing.mp4"], ckpt, out, capsys)
     assert code == 0, err
     assert "Traceback" not in err and "Traceback" not in stdout
     lines = err.strip().splitlines()
@@ -204,14 +205,14 @@ def test_earlier_results_inside_a_searched_folder_are_not_taken_for_videos(ckpt,
     folder.mkdir()
     (folder / "interview.mp4").write_bytes(open(clip[0], "rb").read())
     for k in (1, 2):  # the second call finds out1/interview/annotated.mp4: not a new video
-        code, stdout, err = video([folder, "--every", "4"], ckpt, folder / f"out{k}", capsys)
+        code, stdout, err = run_video([folder, "--every", "4"], ckpt, folder / f"out{k}", capsys)
         assert code == 0, err
         assert sorted(p.name for p in (folder / f"out{k}").iterdir()) == ["interview"]
     assert "holds the results of an earlier call" in err
 
 
 def test_nothing_usable_is_one_error(ckpt, tmp_path, capsys):
-    code, _, err = video([9], ckpt, tmp_path / "out", capsys)  # no camera in this sandbox
+    code, _, err = run_video([9], ckpt, tmp_path / "out", capsys)  # no camera in this sandbox
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: nothing could be processed")
     assert "Traceback" not in err
 
@@ -219,7 +220,7 @@ def test_nothing_usable_is_one_error(ckpt, tmp_path, capsys):
 def test_unwritable_output_folders(ckpt, clip, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the output folder should be")
-    code, _, err = video([clip[0]], ckpt, blocker / "out", capsys)
+    code, _, err = run_video([clip[0]], ckpt, blocker / "out", capsys)
     assert code == 2 and err.startswith("error: cannot write to") and len(err.strip().splitlines()) == 1
     # One video's own folder cannot be made: that video is skipped, the other one processed.
     out = tmp_path / "out"
@@ -227,7 +228,7 @@ def test_unwritable_output_folders(ckpt, clip, tmp_path, capsys):
     (out / "interview").write_text("in the way")
     other = tmp_path / "other.mp4"
     other.write_bytes(open(clip[0], "rb").read())
-    code, _, err = video([clip[0], other], ckpt, out, capsys)
+    code, _, err = run_video([clip[0], other], ckpt, out, capsys)
     assert code == 0, err
     assert "cannot write its output folder" in err and "Traceback" not in err
     assert (out / "other" / "summary.json").exists()
@@ -235,18 +236,18 @@ def test_unwritable_output_folders(ckpt, clip, tmp_path, capsys):
 
 def test_ctrl_c_mid_video_finishes_the_files(ckpt, clip, tmp_path, monkeypatch, capsys):
     calls = []
-    annotate = photos.annotate
+    annotate = faces.annotate
 
     def interrupted_annotate(image, faces, legend=True):
         calls.append(1)
         if len(calls) == 8:
             raise KeyboardInterrupt
         return annotate(image, faces, legend)
-    monkeypatch.setattr(photos, "annotate", interrupted_annotate)
+    monkeypatch.setattr(video, "annotate", interrupted_annotate)
     other = tmp_path / "later.mp4"
     other.write_bytes(open(clip[0], "rb").read())
     out = tmp_path / "out"
-    code, _, err = video([clip[0], other, "--detect_every", "1"], ckpt, out, capsys)
+    code, _, err = run_video([clip[0], other, "--detect_every", "1"], ckpt, out, capsys)
     assert code == 130
     assert "interrupted" in err and "stopped after frame 6 (0.60 s)" in err and "Traceback" not in err
     folder = out / "interview"
@@ -264,8 +265,8 @@ def test_camera_prints_a_line_per_second_and_ctrl_c_ends_it_normally(ckpt, clip,
                                                                        capsys):
     """Camera 0 is played by the clip (there is no camera here); frames take 0.1 s each."""
     import time
-    real_open, real_annotate, calls = photos.open_video, photos.annotate, []
-    monkeypatch.setattr(photos, "open_video", lambda source: real_open(clip[0] if source == 0 else source))
+    real_open, real_annotate, calls = video.open_video, faces.annotate, []
+    monkeypatch.setattr(video, "open_video", lambda source: real_open(clip[0] if source == 0 else source))
 
     def slow_annotate(image, faces, legend=True):
         calls.append(1)
@@ -273,9 +274,9 @@ def test_camera_prints_a_line_per_second_and_ctrl_c_ends_it_normally(ckpt, clip,
             raise KeyboardInterrupt  # Ctrl-C: how a camera run ends
         time.sleep(0.1)
         return real_annotate(image, faces, legend)
-    monkeypatch.setattr(photos, "annotate", slow_annotate)
+    monkeypatch.setattr(video, "annotate", slow_annotate)
     out = tmp_path / "out"
-    code, stdout, err = video([0], ckpt, out, capsys)
+    code, stdout, err = run_video([0], ckpt, out, capsys)
     assert code == 0, err
     live = [line for line in stdout.splitlines() if "frames/s)" in line]
     assert live and "face(s)" in live[0]
@@ -290,7 +291,7 @@ def test_camera_prints_a_line_per_second_and_ctrl_c_ends_it_normally(ckpt, clip,
 def test_explain_on_video_maps_every_nth_frame_with_faces(ckpt, clip, tmp_path, capsys):
     path, truth = clip
     out = tmp_path / "out"
-    code, stdout, err = video([path, "--detect_every", "1", "--explain", "--explain_every", "4"],
+    code, stdout, err = run_video([path, "--detect_every", "1", "--explain", "--explain_every", "4"],
                               ckpt, out, capsys)
     assert code == 0, err
     cams = out / "interview" / "cams"
@@ -306,3 +307,56 @@ def test_explain_on_video_maps_every_nth_frame_with_faces(ckpt, clip, tmp_path, 
 def test_video_flags_without_video_are_refused(ckpt, tmp_path, capsys):
     code, _, err = run_cli(["-c", ckpt, "--images", str(tmp_path), "--every", "5", "--show"], capsys)
     assert code == 2 and "--every, --show apply to --video only" in err
+
+
+# ----------------------------------------------------------------------------- shot cuts
+
+def two_shot_clip(path, frames_each=8):
+    """Two shots joined by a hard cut: the astronaut's head on a light gradient, then her mirrored,
+    darker head on a dark background, at nearly the same place (so position alone would carry the
+    track over). Returns the index of the first frame after the cut."""
+    import skimage.data
+    from tools.bench_video import HEAD
+    head = np.ascontiguousarray(skimage.data.astronaut()[HEAD[0]:HEAD[1], HEAD[2]:HEAD[3], ::-1])
+    light = np.full((240, 320, 3), 190, np.uint8)
+    dark = np.full((240, 320, 3), 30, np.uint8)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, SIZE)
+    for t in range(2 * frames_each):
+        if t < frames_each:
+            frame = light.copy()
+            frame[10:240, 60 + t:270 + t] = head
+        else:
+            frame = dark.copy()
+            frame[12:242 - 2, 64 + t:274 + t] = (head[:-2, ::-1] * 0.8).astype(np.uint8)
+        writer.write(frame)
+    writer.release()
+    return frames_each
+
+
+def test_a_hard_cut_ends_every_track(ckpt, tmp_path, capsys):
+    path = tmp_path / "cut.mp4"
+    first_after = two_shot_clip(path)
+    code, _, err = run_video([path, "--detect_every", "3"], ckpt, tmp_path / "out", capsys)
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "out" / "cut" / "frames.csv", keep_default_na=False)
+    faces_rows = table[table["emotion"] != "no face"]
+    before = set(faces_rows[faces_rows["frame"] < first_after]["track"])
+    after = set(faces_rows[faces_rows["frame"] >= first_after]["track"])
+    assert before and after and not before & after, (before, after)  # no track spans the cut
+    summary = json.loads((tmp_path / "out" / "cut" / "summary.json").read_text())
+    assert summary["cuts_s"] == [pytest.approx(first_after / FPS, abs=0.01)]
+
+
+def test_a_track_does_not_pass_to_a_face_that_looks_different_or_jumps_in_size():
+    grey = np.zeros((200, 200), np.uint8)
+    grey[20:80, 20:80] = np.tile(np.linspace(0, 255, 60, dtype=np.uint8), (60, 1))  # a left-to-right ramp
+    other = grey.copy()
+    other[20:80, 20:80] = other[20:80, 20:80].T  # the same box, a top-to-bottom ramp
+    tracker = video.Tracker()
+    box = (20, 20, 60, 60)
+    [first] = tracker.update([box], 0, [video.look(grey, box)])
+    assert tracker.update([box], 1, [video.look(grey, box)]) == [first]  # the same face goes on
+    assert tracker.update([box], 2, [video.look(other, box)]) != [first]  # another look: a new track
+    tracker = video.Tracker()
+    [first] = tracker.update([box], 0)
+    assert tracker.update([(10, 10, 100, 100)], 1) != [first]  # 1.7x larger: a new track

@@ -19,6 +19,8 @@ Variants measured per model (the first always, the others on request):
   no_reuse     (--compare_reuse) ours without utils.reuse_freed_memory.
   torch_prelu  (--compare_prelu) ours with every models.PReLU swapped for a torch.nn.PReLU with the
                same slope (torch's own CPU backward).
+  distil       (--teacher FILE ...) ours distilling from those teachers, as run.py --teacher: their
+               forward passes on every augmented batch are part of the step.
   usual        (unless --skip_usual) the common FER2013 pipeline, written here as the reference: a
                Dataset of one split's pandas rows that parses the pixel string and makes a PIL image
                per item, torchvision transforms, DataLoader(batch_size=16, shuffle=True,
@@ -44,19 +46,14 @@ line to them.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 import warnings
 
-# The project's modules (run.py, train.py, dataset.py, ...) sit in the repository root, one folder
-# up from this file, and import each other by their plain names: put the root first on the module
-# path so `python3 tools/bench.py` works from any folder, as `python3 run.py` does from the root.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.common import machine_info  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -66,7 +63,7 @@ from utils import DEFAULT_CSV, UserError, run_cli, save_json  # noqa: E402
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 # --section: None = this file; the others are the scripts beside it that measure them.
 SECTIONS = {"train": None, "video": "bench_video.py", "onnx": "bench_onnx.py"}
-VARIANTS = ("ours", "no_reuse", "torch_prelu", "usual")
+VARIANTS = ("ours", "no_reuse", "torch_prelu", "distil", "usual")
 USUAL = {"batch_size": 16, "num_workers": 4, "optimizer": "Adadelta(lr=0.1)",
          "loss": "CrossEntropyLoss()", "memory_format": "NCHW", "eval_batch_size": 1,
          "train_transform": "RandomCrop(48, padding=4), RandomHorizontalFlip(), ToTensor()",
@@ -84,26 +81,6 @@ def sync(device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def machine_info():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "load_average_at_start": list(os.getloadavg())}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    if info["load_average_at_start"][0] >= 0.5 * info["cores"]:
-        info["warning"] = (f"the machine was busy (load average {info['load_average_at_start'][0]:.1f} "
-                           f"on {info['cores']} cores): the speeds are low, and only comparable "
-                           "within this run")
-    return info
 
 
 # ----------------------------------------------------------------------------- our pipeline
@@ -134,14 +111,18 @@ def prelu_count(model):
 
 def measure_ours(spec):
     """Train and evaluate spec["model"] as run.py does; the "no_reuse" and "torch_prelu" variants
-    each leave out one speed hack."""
+    each leave out one speed hack; "distil" adds spec["teacher"] (run.py --teacher)."""
+    import checkpoint
     import dataset
+    import predict
     import run
     import train
     from models import build_model
     from utils import eval_batch_size, reuse_freed_memory, seed_everything, select_device
     argv = ["-m", spec["model"], "--pretrained", "no", "--device", spec["device"],
             "--threads", str(spec["threads"])] + ["--amp" if spec["amp"] else "--no-amp"]
+    if spec["variant"] == "distil":
+        argv += ["--teacher", *spec["teacher"]]
     args, _, _ = run.resolve_run(run.get_args_parser(), argv)
     device = select_device(args.device)
     reuse = reuse_freed_memory(device) if spec["variant"] != "no_reuse" else False
@@ -156,18 +137,16 @@ def measure_ours(spec):
     model, _ = build_model(args.model, "no")
     if spec["variant"] == "torch_prelu":
         use_torch_prelu(model)
-    model, optimizer, loss_fn, ema, scaler, amp_dtype = run.training_parts(model, args, train_y, device)
+    parts = run.training_parts(model, args, train_y, device, run.load_teachers(args, device))
+    model, amp_dtype = parts.model, parts.amp_dtype
     batches = dataset.Batches(train_x, train_y, args.batch_size, device, args.seed)
-    cfg = argparse.Namespace(**vars(args), amp_dtype=amp_dtype, teachers=run.load_teachers(args, device))
-    state = train.TrainState()
+    state = checkpoint.TrainState()
     warmup, steps = spec["warmup"], spec["steps"]
     with train.StopRequest() as stop:
-        train.train_steps(model, optimizer, loss_fn, batches, state, cfg, device, warmup, stop, ema,
-                          scaler, show_progress=False)
+        train.train_steps(parts, batches, state, args, warmup, stop, show_progress=False)
         sync(device)
         t0 = time.perf_counter()
-        loss, acc, images, stopped = train.train_steps(model, optimizer, loss_fn, batches, state, cfg,
-                                                       device, warmup + steps, stop, ema, scaler,
+        loss, acc, images, stopped = train.train_steps(parts, batches, state, args, warmup + steps, stop,
                                                        show_progress=False)
         sync(device)
         t1 = time.perf_counter()
@@ -175,8 +154,7 @@ def measure_ours(spec):
         raise KeyboardInterrupt
     n = min(spec["eval_images"], len(val_y))
     eval_batch = eval_batch_size(args.eval_batch_size, device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    with autocast:  # as run.py validates
+    with predict.autocast(device, amp_dtype):  # as run.py validates
         train.evaluate(model, dataset.Batches(val_x[:eval_batch], val_y[:eval_batch], eval_batch,
                                               device, shuffle=False))  # warm-up
         val = dataset.Batches(val_x[:n], val_y[:n], eval_batch, device, shuffle=False)
@@ -188,7 +166,7 @@ def measure_ours(spec):
     return {"train_img_s": images / (t1 - t0), "train_images": images, "train_seconds": t1 - t0,
             "train_loss": loss, "eval_img_s": n / (e1 - e0), "eval_images": n, "eval_seconds": e1 - e0,
             "eval_loss": val_loss, "data_load_s": load_s, "batch_size": args.batch_size,
-            "eval_batch_size": eval_batch, "optimizer": type(optimizer).__name__,
+            "eval_batch_size": eval_batch, "optimizer": type(parts.optimizer).__name__,
             "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
             "channels_last": args.channels_last, "ema_decay": args.ema_decay,
             "reuse_freed_memory": reuse, "prelu_modules": prelu_count(model)}
@@ -395,6 +373,8 @@ def get_args_parser():
                    help="also measure ours without utils.reuse_freed_memory")
     p.add_argument("--compare_prelu", action="store_true",
                    help="also measure ours with torch.nn.PReLU in place of models.PReLU")
+    p.add_argument("--teacher", nargs="+", metavar="FILE",
+                   help="also measure ours distilling from these teachers (run.py --teacher)")
     p.add_argument("--skip_usual", action="store_true", help="do not measure the usual pipeline")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--amp", action="store_true", help="ours with run.py --amp (bf16 autocast); without it, ours runs --no-amp (fp32)")
@@ -432,7 +412,8 @@ def bench_train(args, argv):
     path = os.path.abspath(dataset.resolve_path(args.dataset))
     dataset.load_fer2013(path)  # decode it into the cache once, so that no child pays the parse
     variants = (["ours"] + ["no_reuse"] * args.compare_reuse + ["torch_prelu"] * args.compare_prelu
-                + ["usual"] * (not args.skip_usual))
+                + ["distil"] * bool(args.teacher) + ["usual"] * (not args.skip_usual))
+    teachers = [os.path.abspath(t) for t in args.teacher or []]
     gflops = {name: gflops_per_image(FerNet(name)) for name in args.models}
     report = {"section": "train", "command": ["python3", "tools/bench.py", *argv],
               "machine": machine_info(), "settings": {k: v for k, v in vars(args).items() if k != "child"},
@@ -448,7 +429,8 @@ def bench_train(args, argv):
             for variant in variants[shift:] + variants[:shift]:
                 spec = {"model": name, "variant": variant, "repeat": repeat, "dataset": path,
                         "device": args.device, "amp": args.amp, "threads": args.threads,
-                        "steps": args.steps, "warmup": args.warmup, "eval_images": args.eval_images}
+                        "steps": args.steps, "warmup": args.warmup, "eval_images": args.eval_images,
+                        "teacher": teachers}
                 result = run_child(spec)
                 say(f"repeat {repeat + 1}/{args.repeats}  {name:15s} {variant:12s} train "
                     f"{result['train_img_s']:7.1f} img/s   eval {result['eval_img_s']:7.1f} img/s")

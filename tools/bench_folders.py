@@ -18,16 +18,14 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.common import ROOT, machine_info  # noqa: E402
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dataset  # noqa: E402
 import folders  # noqa: E402
-from tools.bench import machine_info  # noqa: E402
 from utils import EMOTIONS, save_json  # noqa: E402
 
 

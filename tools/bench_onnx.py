@@ -19,43 +19,26 @@ between onnxruntime and PyTorch over all the faces (`--n_real`, default all of t
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.common import ROOT, machine_info  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import dataset  # noqa: E402
-import infer  # noqa: E402
+import predict  # noqa: E402
 import onnx_model  # noqa: E402
 from models import MODEL_NAMES, FerNet  # noqa: E402
 from utils import SPLITS, save_json  # noqa: E402
 
 BATCHES = (1, 64)
 BACKENDS = ("pytorch", "pytorch_channels_last", "onnxruntime")
-
-
-def machine_info():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    import onnxruntime
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def model_for(name, faces, seed=0):
@@ -115,8 +98,8 @@ def measure_model(name, faces, seconds=2.0, rounds=3, threads=None):
             for backend, fn in runs.items():
                 per_call[backend].append(_time_once(fn, x, seconds / rounds))
         speed[batch] = {backend: batch / statistics.median(t) for backend, t in per_call.items()}
-    p_torch = infer.predict([model], faces, batch_size=64)
-    p_ort = infer.predict([ort], faces, batch_size=64)
+    p_torch = predict.predict([model], faces, batch_size=64)
+    p_ort = predict.predict([ort], faces, batch_size=64)
     return {"model": name, "weights": weights, "img_s": {str(b): s for b, s in speed.items()},
             "max_abs_prob_diff": float(np.abs(p_torch - p_ort).max()),
             "argmax_agreement": float((p_torch.argmax(1) == p_ort.argmax(1)).mean()),
@@ -160,8 +143,9 @@ def main(argv=None):
     data = dataset.load_fer2013(args.dataset, log=lambda *a: None)
     faces = data.split(args.split)[0]
     faces = np.ascontiguousarray(faces[:args.n_real] if args.n_real else faces)
-    info = machine_info()
-    print(f"{info['cpu']}, {info['cores']} cores, {info['threads']} threads; torch {info['torch']}, "
+    import onnxruntime
+    info = machine_info(onnxruntime=onnxruntime.__version__)
+    print(f"{info['cpu']}, {info['cores']} cores, {info['torch_threads']} threads; torch {info['torch']}, "
           f"onnxruntime {info['onnxruntime']}; load average {info['load_average_at_start']}")
     print(f"{len(faces)} faces of {args.dataset} ({args.split})", flush=True)
     results = []

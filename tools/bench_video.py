@@ -1,4 +1,4 @@
-"""Video speed and face-detection recall on a generated 640x480 clip (photos.classify_video).
+"""Video speed and face-detection recall on a generated 640x480 clip (video.classify_video).
 
     python3 tools/bench_video.py                                    # random vgg2_4_2_conv3 weights
     python3 tools/bench_video.py --checkpoint pretrained/fer2013_vgg2_4_2_conv3.pth --json out.json
@@ -14,18 +14,17 @@ tracking), classification (crops and model) and writing (CSV, annotation, MP4).
 """
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.common import machine_info  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-import photos  # noqa: E402
+import faces  # noqa: E402
+import video  # noqa: E402
 from utils import save_json  # noqa: E402
 
 HEAD = (0, 230, 120, 330)  # rows, columns of the astronaut photo holding her head and shoulders
@@ -85,7 +84,7 @@ def matched(found, wanted, threshold=0.5):
     """How many of the `wanted` boxes have a `found` box with IoU >= threshold (one each)."""
     left, n = list(found), 0
     for box in wanted:
-        scores = [photos.iou(box, f) for f in left]
+        scores = [faces.overlap(box, f) for f in left]
         if scores and max(scores) >= threshold:
             left.pop(int(np.argmax(scores)))
             n += 1
@@ -96,14 +95,14 @@ def detection_recall(frames, truth, settings):
     """For each (detect side, detect every k): recall against the true boxes and against
     detection on every full-size frame, and detection + tracking milliseconds per frame."""
     import cv2
-    cascade = photos.face_detector()
     greys = [cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in frames]
     out, reference = [], None
     for side, every in settings:
-        tracker, boxes_per_frame, ids = photos.Tracker(), [], set()
+        detector = faces.face_detector(side=side)
+        tracker, boxes_per_frame, ids = video.Tracker(), [], set()
         start = time.perf_counter()
         for k, grey in enumerate(greys):
-            found_ids, boxes = photos.face_boxes(tracker, cascade, grey, k, every, side)
+            found_ids, boxes = video.face_boxes(tracker, detector, grey, k, every)
             boxes_per_frame.append(boxes)
             ids.update(found_ids)
         ms = (time.perf_counter() - start) / len(greys) * 1000
@@ -121,13 +120,13 @@ def detection_recall(frames, truth, settings):
 
 
 def bench_video(checkpoint=None, model="vgg2_4_2_conv3", frames=150, faces=(1, 2, 3), every=1,
-                detect_every=photos.DETECT_EVERY, detect_side=photos.VIDEO_DETECT_SIDE, amp=False,
+                detect_every=video.DETECT_EVERY, detect_side=video.VIDEO_DETECT_SIDE, amp=False,
                 threads=None, recall_settings=None, folder=None):
     """Generate the clips, measure detection recall and the whole pipeline; returns a dict."""
     import torch
 
-    import infer
-    from utils import amp_dtype_for
+    import predict
+    from utils import EMOTIONS, amp_dtype_for
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,16 +138,16 @@ def bench_video(checkpoint=None, model="vgg2_4_2_conv3", frames=150, faces=(1, 2
             net = FerNet(model).eval()
             import checkpoint as ckpt_module
             torch.save({"format_version": ckpt_module.FORMAT, "model_name": net.name,
-                        "model_state": net.state_dict(), "class_names": list(photos.EMOTIONS)},
+                        "model_state": net.state_dict(), "class_names": list(EMOTIONS)},
                        checkpoint)
-        models = infer.load_models([checkpoint], "cpu")
+        models = predict.load_models([checkpoint], "cpu")
         dtype = amp_dtype_for(torch.device("cpu")) if amp else None
 
         def predict_faces(crops):
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                return infer.predict(models, crops, "none", None, "cpu")
+            with predict.autocast("cpu", dtype):
+                return predict.predict(models, crops, "none", None, "cpu")
 
-        result = {"machine": machine(), "checkpoint": os.path.basename(checkpoint),
+        result = {"machine": machine_info(), "checkpoint": os.path.basename(checkpoint),
                   "model": models[0].name, "amp": str(dtype).split(".")[-1] if dtype else None,
                   "torch_threads": torch.get_num_threads(), "frames": frames, "every": every,
                   "detect_every": detect_every, "detect_side": detect_side, "runs": []}
@@ -158,10 +157,10 @@ def bench_video(checkpoint=None, model="vgg2_4_2_conv3", frames=150, faces=(1, 2
             clip = os.path.join(folder, f"clip_{n}face.mp4")
             truth = make_clip(clip, frames, n)
             recall = detection_recall(read_all(clip), truth, settings) if settings else []
-            summary = photos.classify_video(clip, f"clip_{n}face", predict_faces,
-                                            os.path.join(folder, f"out_{n}face"),
-                                            photos.face_detector(), every, detect_every, detect_side,
-                                            log=lambda *a: None)
+            summary = video.classify_video(clip, f"clip_{n}face", predict_faces,
+                                           os.path.join(folder, f"out_{n}face"),
+                                           video.VideoSettings(every, detect_every),
+                                           faces.face_detector(side=detect_side), log=lambda *a: None)
             faces_found = sum(t["frames"] for t in summary["tracks"])
             result["runs"].append({"faces": n, "frames_per_s": round(summary["frames_per_s"], 2),
                                    "time_share": summary["time_share"],
@@ -169,18 +168,6 @@ def bench_video(checkpoint=None, model="vgg2_4_2_conv3", frames=150, faces=(1, 2
                                    "face_rows": faces_found, "true_faces": sum(map(len, truth)),
                                    "recall": recall})
     return result
-
-
-def machine():
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
 def table(result):
@@ -214,8 +201,8 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=150, help="frames per clip (default: %(default)s)")
     p.add_argument("--faces", type=int, nargs="+", default=[1, 2, 3], help="clips with this many faces")
     p.add_argument("--every", type=int, default=1)
-    p.add_argument("--detect_every", "--detect-every", type=int, default=photos.DETECT_EVERY)
-    p.add_argument("--detect_side", "--detect-side", type=int, default=photos.VIDEO_DETECT_SIDE)
+    p.add_argument("--detect_every", "--detect-every", type=int, default=video.DETECT_EVERY)
+    p.add_argument("--detect_side", "--detect-side", type=int, default=video.VIDEO_DETECT_SIDE)
     p.add_argument("--amp", action="store_true", help="bf16 autocast where the CPU has it")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default: 1, as infer.py --video uses on a CPU)")

@@ -15,12 +15,11 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 
 import dataset  # noqa: E402
-import infer  # noqa: E402
+import predict  # noqa: E402
 from utils import (Parser, autocast_dtype, check_writable, device_flags, flag, run_cli, save_json,  # noqa: E402
                    select_device)
 
@@ -46,7 +45,7 @@ def main(argv):
     parser.add_argument("-c", "--checkpoint", nargs="+", required=True, metavar="PATH",
                         help="checkpoints (.pth, .onnx or run folders) to choose from")
     parser.add_argument("-d", "--dataset", required=True, help="FER2013-layout CSV, or 'synthetic'")
-    parser.add_argument("--tta", nargs="+", choices=infer.TTA_MODES, default=list(infer.TTA_MODES),
+    parser.add_argument("--tta", nargs="+", choices=predict.TTA_MODES, default=list(predict.TTA_MODES),
                         help="the TTA modes to try (default: all)")
     flag(parser, "--min_members", type=int, default=2, help="members of the pick, at least (default: 2)")
     parser.add_argument("-o", "--output", default="outputs/ensemble_choice.json", help="the ranking, as JSON")
@@ -59,18 +58,18 @@ def main(argv):
         parser.error(f"--min_members must be 1 to {len(args.checkpoint)} (the checkpoints given)")
     if len(args.checkpoint) > MAX_CHECKPOINTS:
         parser.error(f"at most {MAX_CHECKPOINTS} checkpoints")
-    modes = [m for m in infer.TTA_MODES if m in args.tta]  # cheapest first, for the ties
+    modes = [m for m in predict.TTA_MODES if m in args.tta]  # cheapest first, for the ties
     check_writable(os.path.dirname(os.path.abspath(args.output)))  # before the slow part
     device = select_device(args.device)
-    models = infer.load_models(args.checkpoint, device)
+    models = predict.load_models(args.checkpoint, device)
     images, labels = dataset.load_fer2013(args.dataset).split("val")
 
     probs = {mode: [] for mode in modes}
     amp_dtype = autocast_dtype(args.amp, device)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with predict.autocast(device, amp_dtype):
         for path, model in zip(args.checkpoint, models):
             print(f"PublicTest ({len(labels)} faces): {path}, TTA {', '.join(modes)}", flush=True)
-            for mode, p in infer._predict([model], images, modes, args.batch_size, device).items():
+            for mode, p in predict.predict_modes([model], images, modes, args.batch_size, device).items():
                 probs[mode].append(p)
     ranking = rank_subsets(probs, np.asarray(labels), args.checkpoint, modes)
     pick = next(r for r in ranking if len(r["members"]) >= args.min_members)
