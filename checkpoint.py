@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models import MODEL_NAMES, FerNet
-from utils import EMOTIONS, UserError, check_writable, save_torch
+from utils import EMOTIONS, UserError, check_writable, class_names_problem, save_torch
 
 FORMAT = 2  # the layout of today's files (the shipped exports included); format 1 is not read
 EXPORT = "export"  # the `kind` of an inference-only file
@@ -48,7 +48,7 @@ def training_checkpoint(kind, args, model, optimizer, state, rng, *, scaler=None
     must find the same data there), world_size."""
     return {
         "format_version": FORMAT, "kind": kind, "model_name": args.model,
-        "class_names": list(EMOTIONS), "model_state": model.state_dict(),
+        "class_names": list(model.class_names), "model_state": model.state_dict(),
         # The averaged weights are the ones validated, selected and shipped (see model_weights).
         "ema_state": ema.module.state_dict() if ema is not None else None,
         "ema_updates": int(ema.n_averaged) if ema is not None else 0,
@@ -104,10 +104,11 @@ def load(path):
         raise UserError(f"{path} has checkpoint format {version!r}; this version of the tool reads "
                         f"format {FORMAT}" + (" (it was written by a newer version; update the "
                                               "tool)" if newer else " (an older version's file)"))
-    names = ckpt.get("class_names", list(EMOTIONS))
-    if not isinstance(names, (list, tuple)) or list(names) != list(EMOTIONS):
-        raise UserError(f"{path} names its classes {str(names)[:200]}; this tool's classes are "
-                        f"{', '.join(EMOTIONS)}, so the file is refused")
+    # The file's class names are its model's classes: FER2013's seven, or a folder's (folders.py).
+    problem = class_names_problem(ckpt.setdefault("class_names", list(EMOTIONS)))
+    if problem:
+        raise UserError(f"{path} names its classes {str(ckpt['class_names'])[:200]}, which is "
+                        f"refused: {problem}")
     return ckpt
 
 
@@ -148,8 +149,14 @@ def build_model(ckpt, device="cpu", source=None):
     if name not in MODEL_NAMES:
         raise UserError(f"{where}the checkpoint holds a model named {name!r}, which this version of "
                         f"the tool does not know; known models: {', '.join(MODEL_NAMES)}")
-    model = FerNet(name)
-    load_weights(model, model_weights(ckpt), source)
+    state = model_weights(ckpt)
+    names = ckpt.get("class_names", EMOTIONS)
+    outputs = state.get("classifier.4.bias") if isinstance(state, dict) else None
+    if outputs is not None and len(outputs) != len(names):
+        raise UserError(f"{where}the checkpoint names its classes {', '.join(names)[:200]} ({len(names)}), "
+                        f"but its weights have {len(outputs)} outputs")
+    model = FerNet(name, class_names=names)
+    load_weights(model, state, source)
     return model.to(device).eval()
 
 

@@ -2,6 +2,7 @@
 
     python3 dataset.py -d ../shared/data/fer2013.csv.gz   # rows, splits and the class table
     python3 dataset.py -d synthetic                         # the built-in synthetic faces
+    python3 dataset.py -d my_faces/                         # a folder of images (folders.py)
 
 The CSV has a header `emotion,pixels,Usage` (the competition's icml_face_data.csv writes
 ` Usage` and ` pixels`), one face per row: a label 0-6, 2304 space-separated grey levels of a
@@ -14,7 +15,7 @@ import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,20 +40,43 @@ WHERE_TO_GET = ("FER2013 comes from the Kaggle challenge 'Challenges in Represen
 
 @dataclass
 class FerData:
-    """All faces of one CSV: images (N, 48, 48) uint8, labels (N,) int64, usage (N,) int8
-    (index into USAGES)."""
+    """All faces of one CSV or folder: images (N, 48, 48) uint8, labels (N,) int64 (index into
+    class_names), usage (N,) int8 (index into USAGES: train, val, test).
+
+    A folder of images (folders.py) also has `files` (each face's path in the folder), `faces`
+    (how faces were taken: whole or detect), `fingerprint` (sha256 of its split, classes and
+    faces) and `skipped` ([(path, why)]: files left out); a CSV has None there."""
     images: np.ndarray
     labels: np.ndarray
     usage: np.ndarray
     source: str
+    class_names: tuple = EMOTIONS
+    files: list | None = None
+    faces: str | None = None
+    fingerprint: str | None = None
+    skipped: list = field(default_factory=list)
+
+    @property
+    def split_names(self):
+        """What the splits are called: FER2013's Usage values, or train/val/test for a folder."""
+        return USAGES if self.files is None else tuple(SPLITS)
+
+    def mask(self, name):
+        """Which faces are in split 'train' | 'val' | 'test' | 'all'."""
+        return np.ones(len(self.labels), bool) if name == "all" else self.usage == USAGES.index(SPLITS[name])
 
     def split(self, name):
-        """(images, labels) of split 'train' | 'val' | 'test'; an empty split is a UserError."""
-        mask = self.usage == USAGES.index(SPLITS[name])
-        if not mask.any():
-            raise UserError(f"{self.source} has no {SPLITS[name]} rows, so the '{name}' split is "
-                            "empty; the tool needs Training, PublicTest and PrivateTest rows.")
-        return self.images[mask], self.labels[mask]
+        """(images, labels) of split 'train' | 'val' | 'test' | 'all'; an empty split is a UserError."""
+        mask = self.mask(name)
+        if mask.all():  # no copy of all the pixels
+            return self.images, self.labels
+        if mask.any():
+            return self.images[mask], self.labels[mask]
+        if self.files is not None:
+            raise UserError(f"{self.source} has no faces in its '{name}' split (python3 dataset.py "
+                            "-d FOLDER shows its splits; --split all takes every face)")
+        raise UserError(f"{self.source} has no {SPLITS[name]} rows, so the '{name}' split is "
+                        "empty; the tool needs Training, PublicTest and PrivateTest rows.")
 
 
 class Batches:
@@ -102,8 +126,6 @@ def resolve_path(path):
         return SYNTHETIC_CSV
     if not os.path.exists(path):
         raise UserError(f"no dataset at {path}. {WHERE_TO_GET}")
-    if os.path.isdir(path):
-        raise UserError(f"{path} is a folder; -d wants the FER2013 CSV file. {WHERE_TO_GET}")
     return path
 
 
@@ -213,22 +235,35 @@ def cache_path(path, cache_dir):
     return os.path.join(cache_dir, f"{name}-{digest}.npz")
 
 
-def _load_or_decode(path, cache_dir, log):
-    cached = cache_path(path, cache_dir) if cache_dir else None
+def read_cache(cached, log):
+    """The arrays of a cache file, or None when there is none (or it cannot be read)."""
     if cached and os.path.exists(cached):
         try:
             with np.load(cached) as arrays:
                 return {k: arrays[k] for k in arrays.files}
         except (OSError, ValueError, KeyError):
             log(f"warning: ignoring the unreadable cache {cached}")
-    arrays = decode_csv(path)
-    if cached:
-        try:
-            buffer = io.BytesIO()
-            np.savez(buffer, **arrays)
-            atomic_write(cached, lambda f: f.write(buffer.getbuffer()))
-        except (OSError, DiskFull) as err:  # a read-only or full place only costs speed
-            log(f"warning: could not cache the decoded data in {cache_dir}: {err}")
+    return None
+
+
+def write_cache(cached, arrays, log):
+    """Save decoded arrays (uncompressed: loading them is then a copy); a read-only place only
+    costs speed, so it is a warning."""
+    try:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write(cached, lambda f: f.write(buffer.getbuffer()))
+    except (OSError, DiskFull) as err:  # a read-only or full place only costs speed
+        log(f"warning: could not cache the decoded data in {os.path.dirname(cached)}: {err}")
+
+
+def _load_or_decode(path, cache_dir, log):
+    cached = cache_path(path, cache_dir) if cache_dir else None
+    arrays = read_cache(cached, log)
+    if arrays is None:
+        arrays = decode_csv(path)
+        if cached:
+            write_cache(cached, arrays, log)
     return arrays
 
 
@@ -261,30 +296,41 @@ def load_fer2013(path, skip_bad_rows=False, cache_dir="default", log=print):
     return FerData(arrays["images"][keep], arrays["labels"][keep], arrays["usage"][keep], path)
 
 
+def load_data(path, skip_bad_rows=False, faces="auto", log=print, training=False):
+    """-d: a folder of images (folders.load_folder; `training` asks for what training needs) or
+    a FER2013 CSV (load_fer2013), as a FerData."""
+    if os.path.isdir(path):
+        import folders
+        return folders.load_folder(path, faces, log, training)
+    if faces not in (None, "auto"):
+        raise UserError(f"--faces {faces} applies to folders of images; {path} is a CSV of faces")
+    return load_fer2013(path, skip_bad_rows, log=log)
+
+
 def class_counts(data):
     """{split name: counts per class}, for the splits present."""
-    return {name: np.bincount(data.labels[data.usage == code], minlength=NUM_CLASSES)
-            for code, name in enumerate(USAGES) if (data.usage == code).any()}
+    return {name: np.bincount(data.labels[data.usage == code], minlength=len(data.class_names))
+            for code, name in enumerate(data.split_names) if (data.usage == code).any()}
 
 
-def class_table(counts):
-    head = "| split | rows | " + " | ".join(EMOTIONS) + " |"
-    rows = [head, "|---" * (len(EMOTIONS) + 2) + "|"]
+def class_table(counts, class_names=EMOTIONS):
+    head = "| split | faces | " + " | ".join(class_names) + " |"
+    rows = [head, "|---" * (len(class_names) + 2) + "|"]
     for split, c in counts.items():
         rows.append(f"| {split} | {c.sum()} | " + " | ".join(str(int(v)) for v in c) + " |")
     return "\n".join(rows)
 
 
-def plot_class_distribution(counts, path):
+def plot_class_distribution(counts, path, class_names=EMOTIONS):
     """Grouped bar chart of faces per class and split, saved as PNG (matplotlib's object API:
     no pyplot state, no GUI backend, nothing to close)."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(8, 4))
+    fig = Figure(figsize=(max(8, len(class_names)), 4))
     ax = fig.subplots()
     width = 0.8 / max(1, len(counts))
     for i, (split, c) in enumerate(counts.items()):
-        ax.bar(np.arange(NUM_CLASSES) + i * width, c, width, label=split)
-    ax.set_xticks(np.arange(NUM_CLASSES) + width * (len(counts) - 1) / 2, EMOTIONS)
+        ax.bar(np.arange(len(class_names)) + i * width, c, width, label=split)
+    ax.set_xticks(np.arange(len(class_names)) + width * (len(counts) - 1) / 2, class_names)
     ax.set_ylabel("faces")
     ax.set_title("Class distribution")
     ax.legend()
@@ -293,24 +339,37 @@ def plot_class_distribution(counts, path):
     save_figure(fig, path)
 
 
+def faces_flag(group):
+    """--faces, the same for run.py, infer.py and this checker."""
+    flag(group, "--faces", choices=("auto", "detect", "whole"), default="auto",
+         help="with a folder of images: detect crops the largest face of each image (OpenCV's "
+              "detector, as --images does; images without one are left out and listed), whole "
+              "takes each image as a face; auto: whole when the images are small (at most "
+              "100 px across: already-cropped faces), else detect (default: auto)")
+
+
 def main(argv):
-    parser = Parser(prog="dataset.py", description="Check a FER2013 file: its rows, splits and classes.")
+    parser = Parser(prog="dataset.py", description="Check a data set (a FER2013 CSV, or a folder of "
+                                                   "face images): its splits and classes.")
     flag(parser, "-d", "--dataset", default=DEFAULT_CSV,
-         help="CSV path, or 'synthetic' (default: %(default)s)")
+         help="CSV path, 'synthetic', or a folder of images: DIR/<class>/* or "
+              "DIR/<split>/<class>/* (default: %(default)s)")
     flag(parser, "--chart", metavar="PNG", help="also draw the class distribution into this file")
     flag(parser, "--skip_bad_rows", action="store_true",
          help="drop malformed rows (with a warning that counts them)")
+    faces_flag(parser)
     flag(parser, "--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    data = load_fer2013(args.dataset, args.skip_bad_rows)
+    data = load_data(args.dataset, args.skip_bad_rows, args.faces)
     counts = class_counts(data)
-    print(class_table(counts))
-    missing = [usage for usage in USAGES if usage not in counts]
+    print(class_table(counts, data.class_names))
+    missing = [name for name in data.split_names if name not in counts]
     if missing:
-        print(f"warning: {data.source} has no {' and no '.join(missing)} rows: run.py needs "
-              "Training, PublicTest and PrivateTest", file=sys.stderr)
+        print(f"warning: {data.source} has no {' and no '.join(missing)} " +
+              ("faces: run.py needs a train split" if data.files is not None else
+               "rows: run.py needs Training, PublicTest and PrivateTest"), file=sys.stderr)
     if args.chart:
-        plot_class_distribution(counts, args.chart)
+        plot_class_distribution(counts, args.chart, data.class_names)
         print(f"chart: {args.chart}")
     return 1 if missing else 0
 

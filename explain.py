@@ -160,9 +160,10 @@ def explain_saved_faces(models, result, images, labels, explain_class=None, batc
     """Grad-CAM maps of the faces a split report saved (`result` from report.report): <face>_cam.png
     beside each face file, and explain_grid.png, the faces beside their maps. Returns (map paths,
     grid path)."""
-    indices, probs = result["indices"], result["probs"]
+    indices, probs, names = result["indices"], result["probs"], result["class_names"]
     if not indices:
         return [], None
+    explain_class = in_classes(explain_class, names)
     faces = np.asarray(images)[indices]
     classes = explained_classes(probs[indices], explain_class)
     cams = explain_faces(models, faces, classes, batch_size or 64, device)
@@ -170,13 +171,24 @@ def explain_saved_faces(models, result, images, labels, explain_class=None, batc
     titles, colors = [], []
     for i, c in zip(indices, classes):
         p = int(np.argmax(probs[i]))
-        titles.append((f"#{i} true {EMOTIONS[labels[i]]}\npred {EMOTIONS[p]} {probs[i][p]:.0%}",
-                       f"Grad-CAM: {EMOTIONS[c]}\n{probs[i][c]:.0%}"))
+        titles.append((f"#{i} true {names[labels[i]]}\npred {names[p]} {probs[i][p]:.0%}",
+                       f"Grad-CAM: {names[c]}\n{probs[i][c]:.0%}"))
         colors.append("#1a7f37" if p == int(labels[i]) else "#cf222e")
-    what = "predicted class" if explain_class is None else EMOTIONS[explain_class]
+    what = "predicted class" if explain_class is None else names[explain_class]
     grid = save_explain_grid(faces, cams, titles, os.path.join(result["folder"], "explain_grid.png"),
                              f"{result['split']}: Grad-CAM of the {what}{_cam_note(models)}", colors)
     return paths, grid
+
+
+def in_classes(explain_class, names):
+    """--explain_class (an index into FER2013's EMOTIONS) as an index into a model's classes
+    `names` (a model of a folder may have others, in another order); None stays None."""
+    if explain_class is None or tuple(names) == EMOTIONS:
+        return explain_class
+    if EMOTIONS[explain_class] not in names:
+        raise UserError(f"--explain_class {EMOTIONS[explain_class]}: the model has no such class "
+                        f"(its classes: {', '.join(names)})")
+    return list(names).index(EMOTIONS[explain_class])
 
 
 def explain_found_faces(models, found, out_dir, explain_class=None, batch_size=None, device="cpu",

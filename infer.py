@@ -1,4 +1,4 @@
-"""Reload checkpoints and judge them: metrics on a FER2013 split, or the faces in your own photos.
+"""Reload checkpoints and judge them: metrics on a labelled split, or the faces in your own photos.
 
     python3 infer.py --images photos/ me.jpg      # the shipped default model
     python3 infer.py --checkpoint checkpoint/RUN/vgg2_0_2_best.pth -d synthetic
@@ -6,11 +6,11 @@
     python3 infer.py --checkpoint run1/vgg2_2_2_best.pth run2/vgg2_0_2_best.pth --images photos/
     python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv5.pth --video interview.mp4 clips/
     python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv5.pth --video 0   # a camera, until Ctrl-C
+    python3 infer.py --checkpoint pretrained/fer2013_vgg2_4_2_conv5.pth -d my_faces/ --split all
 
 Without --checkpoint the shipped default, pretrained/fer2013_vgg2_4_2_conv5.pth, is used; several
-checkpoints make an ensemble. This file is the command line only: it dispatches to report.py
-(-d: a labelled split), photos.py (--images), video.py (--video), explain.py (--explain) and
-checkpoint.py / onnx_model.py (--export). README "Inference" describes every file they write.
+checkpoints make an ensemble. The command line only: report.py does -d (a CSV or a folder of
+images), photos.py --images, video.py --video, explain.py --explain, checkpoint.py --export.
 """
 if __name__ == "__main__":  # Ctrl-C while the imports load (a second or more) just ends the
     import signal  # process, without a traceback; utils.run_cli makes it KeyboardInterrupt again
@@ -51,10 +51,8 @@ def default_output_dir(paths, kind="report", split="test"):
 
 
 def get_args_parser():
-    p = Parser(prog="infer.py",
-               description="Judge trained checkpoints on a FER2013 split, or classify the faces in "
-                           "your photos and videos.",
-               epilog="examples:\n" + __doc__.split("\n\n")[1])
+    p = Parser(prog="infer.py", epilog="examples:\n" + __doc__.split("\n\n")[1],
+               description="Judge trained checkpoints on a labelled split, or classify the faces in photos and videos.")
     g = p.add_argument_group("model")
     flag(g, "--checkpoint", "-c", nargs="+", type=path_arg, default=[predict.DEFAULT_CHECKPOINT], metavar="PATH",
          help="checkpoint file(s) (.pth or .onnx, or a run folder with one *_best.pth); several "
@@ -70,11 +68,12 @@ def get_args_parser():
 
     g = p.add_argument_group("split report")
     flag(g, "-d", "--dataset", type=path_arg, default=None,
-         help="FER2013-layout CSV, or 'synthetic' (default: the data set the checkpoint was trained "
-              f"on, else {DEFAULT_CSV}; with --images or --video a split is evaluated only when -d "
-              "is given)")
-    flag(g, "--split", choices=tuple(SPLITS), default="test",
-         help="which split to evaluate: Training, PublicTest or PrivateTest (default: test)")
+         help="FER2013-layout CSV, 'synthetic', or a folder of face images, DIR/[<split>/]<class>/* "
+              f"(default: the checkpoint's data set, else {DEFAULT_CSV}; none with --images or --video)")
+    flag(g, "--split", choices=(*SPLITS, "all"), default="test",
+         help="train, val or test (Training, PublicTest, PrivateTest; a folder's own, or held out "
+              "of it), or all: every face, for a data set the model was not trained on (default: test)")
+    dataset.faces_flag(g)
     flag(g, "--num_save", type=int, default=16,
          help="faces of the split saved as images and shown in the grid (default: 16)")
     flag(g, "--skip_bad_rows", action="store_true",
@@ -138,10 +137,8 @@ def check_flags(parser, args):
         parser.error("--batch_size must be at least 1")
     if args.num_save < 0:
         parser.error("--num_save must be >= 0")
-    if args.every < 1 or args.detect_every < 1:
-        parser.error("--every and --detect_every must be at least 1")
-    if args.explain_every < 1:
-        parser.error("--explain_every must be at least 1")
+    if min(args.every, args.detect_every, args.explain_every) < 1:
+        parser.error("--every, --detect_every and --explain_every must be at least 1")
     if args.video is not None and not args.detect:
         parser.error("--no-detect applies to --images only (video frames are searched for faces)")
     video_flags = [name for name, used in (("--every", args.every != 1), ("--show", args.show),
@@ -163,10 +160,9 @@ def export(source, target):
 
 def report_split(models, args, paths, out_dir, explaining):
     """-d: the report on one split of a labelled data set, with Grad-CAM maps of its saved faces."""
-    data = dataset.load_fer2013(report.training_data(paths, args.dataset), args.skip_bad_rows)
-    images, labels = data.split(args.split)
-    result = report.report(models, images, labels, out_dir, args.tta, args.num_save, args.batch_size,
-                           args.device, split_name=f"{args.split} ({SPLITS[args.split]})")
+    data = report.evaluation_data(paths, args.dataset, args.skip_bad_rows, args.faces)
+    result, images, labels = report.report_split(models, data, args.split, out_dir, args.tta,
+                                                 args.num_save, args.batch_size, args.device)
     if explaining:
         cams, _ = explain.explain_saved_faces(models, result, images, labels, args.explain_class,
                                               args.batch_size, args.device)
@@ -220,10 +216,13 @@ def main(argv=None):
                         "checkpoint(s) for Grad-CAM")
     args.device = select_device(args.device)
     models = predict.load_models(paths, args.device)
+    media = args.images is not None or args.video is not None
+    if media and predict.model_classes(models) != EMOTIONS:  # (-d DIR evaluates a model of other classes)
+        raise UserError("--images and --video need a model of FER2013's seven classes; this one has "
+                        + ", ".join(predict.model_classes(models)))
     if explaining:
         for model in models:
             explain.cam_layer(model)  # fail before the work when a model cannot be explained
-    media = args.images is not None or args.video is not None
     kind = ("photos" if args.images else "video") if media else "report"
     out_dir = args.output or default_output_dir(paths, kind, args.split)
     if media and not args.output:

@@ -13,7 +13,7 @@ import sys
 import torch
 from torch import nn
 
-from utils import NUM_CLASSES, SIDE, UserError
+from utils import EMOTIONS, SIDE, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,23 +128,25 @@ def make_layer(spec):
 
 
 class FerNet(nn.Module):
-    """Grey 48x48 faces in [0, 1], shape (N, 1, H, W) -> logits (N, 7).
+    """Grey 48x48 faces in [0, 1], shape (N, 1, H, W) -> logits (N, len(class_names)).
 
     The input normalisation lives in the model (as buffers saved with it), so a checkpoint
-    carries the statistics it was trained with and inference cannot get them wrong.
+    carries the statistics it was trained with and inference cannot get them wrong. The class
+    names (FER2013's seven, or a folder's classes) are saved beside the weights (checkpoint.py).
     """
 
-    def __init__(self, name, mean=PLAIN_MEAN, std=PLAIN_STD):
+    def __init__(self, name, mean=PLAIN_MEAN, std=PLAIN_STD, class_names=EMOTIONS):
         super().__init__()
         body, features = SPECS[name]
         self.name = name
+        self.class_names = tuple(class_names)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.features = vgg11_bn_prefix()
         self.body = nn.Sequential(*[make_layer(spec) for spec in body])
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(features, 512), PReLU(), nn.Dropout(0.5),
-            nn.Linear(512, NUM_CLASSES))
+            nn.Linear(512, len(self.class_names)))
 
     def forward(self, x):
         x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std  # grey replicated to 3 channels
@@ -168,15 +170,36 @@ def imagenet_prefix_state():
     return prefix
 
 
-def build_model(name, pretrained="no"):
-    """Build a model by name. pretrained: 'yes' | 'no' | 'auto'.
+def fit_classes(model, class_names):
+    """Give a trained model a head for `class_names` (fine-tuning on a folder's classes): the head
+    stays as it is when the classes are the model's; otherwise its last layer is replaced, and
+    the rows of the classes both share are copied into the new one, so they start where they were.
+    Returns a sentence that says what was done, or None when nothing was."""
+    old, new = list(model.class_names), list(class_names)
+    if old == new:
+        return None
+    layer = model.classifier[-1]
+    head = nn.Linear(layer.in_features, len(new)).to(layer.weight.device)
+    shared = [name for name in new if name in old]
+    with torch.no_grad():
+        for name in shared:
+            head.weight[new.index(name)] = layer.weight[old.index(name)]
+            head.bias[new.index(name)] = layer.bias[old.index(name)]
+    model.classifier[-1], model.class_names = head, tuple(new)
+    kept = f"; the rows of {', '.join(shared)} were copied from it" if shared else ""
+    return (f"the model's classes ({', '.join(old)}) are not the data's ({', '.join(new)}): its "
+            f"last layer was replaced by a new one for {len(new)} classes{kept}")
+
+
+def build_model(name, pretrained="no", class_names=EMOTIONS):
+    """Build a model by name, with one output per class. pretrained: 'yes' | 'no' | 'auto'.
 
     Returns (model, used_imagenet_weights). 'auto' falls back to random initialisation with one
     clear warning when the ImageNet weights cannot be had; 'yes' raises UserError instead."""
     if name not in SPECS:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
     if pretrained == "no":
-        return FerNet(name), False
+        return FerNet(name, class_names=class_names), False
     try:
         prefix = imagenet_prefix_state()
     except Exception as err:  # no network, no cache, corrupt file: all mean "not available"
@@ -186,8 +209,8 @@ def build_model(name, pretrained="no"):
                             "(default ~/.cache/torch), or use --pretrained no.") from err
         print(f"warning: {why}; starting from random initialisation (--pretrained auto).",
               file=sys.stderr)
-        return FerNet(name), False
-    model = FerNet(name, IMAGENET_MEAN, IMAGENET_STD)
+        return FerNet(name, class_names=class_names), False
+    model = FerNet(name, IMAGENET_MEAN, IMAGENET_STD, class_names)
     try:
         model.features.load_state_dict(prefix)
     except RuntimeError as err:

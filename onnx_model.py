@@ -4,9 +4,10 @@
     python3 infer.py -c conv5.onnx --images me.jpg        # the same reports, through onnxruntime
 
 The file takes grey faces `faces`: float32 (N, 1, 48, 48) in [0, 1], any N, and gives `logits`
-(N, 7); softmax turns them into the class probabilities. The input normalisation is inside, as
-in the PyTorch model. The model's name, the class names and where it came from travel in the
-file's metadata_props, so reports can name the model and refuse files of other tools.
+(N, classes): FER2013's 7, or those of the folder the model was trained on; softmax turns them
+into the class probabilities. The input normalisation is inside, as in the PyTorch model. The
+model's name, the class names and where it came from travel in the file's metadata_props, so
+reports can name the model and its classes, and refuse files of other tools.
 
 Export uses torch.onnx.export's default exporter (torch.export-based, `dynamo=True`): it is the
 one PyTorch maintains (the TorchScript exporter is deprecated since torch 2.9), and it writes the
@@ -21,7 +22,7 @@ import os
 
 import torch
 
-from utils import EMOTIONS, SIDE, UserError, atomic_write
+from utils import SIDE, UserError, atomic_write, class_names_problem
 
 OPSET = 18
 INPUT, OUTPUT = "faces", "logits"
@@ -55,8 +56,8 @@ def export(model, path, metadata=None):
             verbose=False)
     proto = program.model_proto
     proto.doc_string = (f"{model.name}: grey faces {INPUT} (N, 1, {SIDE}, {SIDE}) in [0, 1] -> "
-                        f"{OUTPUT} (N, {len(EMOTIONS)}) for {', '.join(EMOTIONS)}")
-    entries = {"format": FORMAT, "model_name": model.name, "class_names": json.dumps(list(EMOTIONS)),
+                        f"{OUTPUT} (N, {len(model.class_names)}) for {', '.join(model.class_names)}")
+    entries = {"format": FORMAT, "model_name": model.name, "class_names": json.dumps(list(model.class_names)),
                **{k: str(v) for k, v in (metadata or {}).items() if v is not None}}
     for key, value in entries.items():
         prop = proto.metadata_props.add()
@@ -107,12 +108,14 @@ class OnnxModel(torch.nn.Module):
             raise UserError(f"{path} is an ONNX model but not one exported by this tool "
                             "(infer.py --checkpoint X.pth --export FILE.onnx writes them)")
         try:
-            same_classes = names is not None and json.loads(names) == list(EMOTIONS)
+            listed = json.loads(names) if names is not None else None
         except ValueError:  # not JSON: not ours either
-            same_classes = False
-        if not same_classes:
-            raise UserError(f"{path} names its classes {names[:200] if names else None}; this tool's "
-                            f"classes are {', '.join(EMOTIONS)}, so the file is refused")
+            listed = None
+        self.class_names = tuple(listed) if isinstance(listed, list) else None
+        problem = class_names_problem(self.class_names)
+        if problem:
+            raise UserError(f"{path} names its classes {names[:200] if names else None}, which is "
+                            f"refused: {problem}")
         self.name = self.metadata["model_name"]
         self.path = path
         self.check_answers()
@@ -126,9 +129,9 @@ class OnnxModel(torch.nn.Module):
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise UserError(f"{self.path} does not take faces (N, 1, {SIDE}, {SIDE}) as this tool "
                             f"exports them ({first})") from err
-        if tuple(logits.shape) != (1, len(EMOTIONS)):
+        if tuple(logits.shape) != (1, len(self.class_names)):
             raise UserError(f"{self.path} gives {tuple(logits.shape)} values for one face, not "
-                            f"{len(EMOTIONS)} class scores; refused")
+                            f"{len(self.class_names)} class scores; refused")
         if not bool(logits.isfinite().all()):
             raise UserError(f"{self.path} gives scores that are not finite for a face (NaN or "
                             "infinity: weights from a run that diverged?); refused")

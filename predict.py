@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import checkpoint
 import faces
 import onnx_model
-from utils import EMOTIONS, NUM_CLASSES, SIDE, UserError, eval_batch_size, to_unit_float
+from utils import EMOTIONS, SIDE, UserError, eval_batch_size, to_unit_float
 
 TTA_MODES = ("none", "flip", "tencrop")
 # The best single model of the long runs (README "Results"), found beside this script.
@@ -45,7 +45,19 @@ def load_models(checkpoint_paths=DEFAULT_CHECKPOINT, device="cpu"):
                   memory_format=torch.channels_last) for p in paths]
     for model, path in zip(models, paths):
         model.source = path  # reports name the file each model came from
+    model_classes(models)  # an ensemble must agree on its classes
     return models
+
+
+def model_classes(models):
+    """The class names of a model, or of the models of an ensemble (a UserError when they differ):
+    FER2013's seven, or the classes of the folder a model was trained on (folders.py)."""
+    models = [models] if isinstance(models, torch.nn.Module) else models
+    names = list(dict.fromkeys(tuple(getattr(m, "class_names", EMOTIONS)) for m in models))
+    if len(names) > 1:
+        raise UserError("the models of an ensemble must have the same classes; these have "
+                        + " / ".join(", ".join(n) for n in names))
+    return names[0] if names else EMOTIONS
 
 
 def tta_views(x, tta="none"):
@@ -84,7 +96,7 @@ def _as_faces(images):
 
 @torch.inference_mode()
 def predict_modes(models, images, modes, batch_size, device):
-    """{tta mode: probabilities (N, 7) float64} for each mode, in one pass over the batches
+    """{tta mode: probabilities (N, classes) float64} for each mode, in one pass over the batches
     (views shared by several modes, such as the plain one, are computed once)."""
     if isinstance(models, torch.nn.Module):
         models = [models]
@@ -98,7 +110,7 @@ def predict_modes(models, images, modes, batch_size, device):
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive whole number, got {batch_size!r}")
     images = _as_faces(images)
-    out = {mode: np.zeros((len(images), NUM_CLASSES), np.float64) for mode in modes}
+    out = {mode: np.zeros((len(images), len(model_classes(models))), np.float64) for mode in modes}
     for model in models:
         model.eval()
     for start in range(0, len(images), int(batch_size)):
@@ -119,7 +131,7 @@ def predict_modes(models, images, modes, batch_size, device):
 
 
 def predict(models, images, tta="none", batch_size=None, device="cpu"):
-    """Class probabilities (N, 7) float64 for faces (N, 48, 48) (uint8, or float in [0, 1]).
+    """Class probabilities (N, classes) float64 for faces (N, 48, 48) (uint8, or float in [0, 1]).
 
     Batched, under torch.inference_mode(). Probabilities are averaged over `models` (a model or a
     list: an ensemble) and over the test-time augmentation views of `tta` (none, flip, tencrop)."""
@@ -153,8 +165,9 @@ def detect_emotions(models, image, tta="none", detect=True, device="cpu", colour
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     boxes, crops = faces.find_faces(image, faces.face_detector() if detect else faces.WholePicture())
     probs = predict(models, crops, tta, device=device) if boxes else []
-    return [{"box": tuple(int(v) * factor for v in box), "emotion": EMOTIONS[int(p.argmax())],
-             "confidence": float(p.max()), "emotions": dict(zip(EMOTIONS, map(float, p)))}
+    names = model_classes(models)
+    return [{"box": tuple(int(v) * factor for v in box), "emotion": names[int(p.argmax())],
+             "confidence": float(p.max()), "emotions": dict(zip(names, map(float, p)))}
             for box, p in zip(boxes, probs)]
 
 

@@ -1,21 +1,25 @@
 """Judging a model on a labelled split: metrics, confusion matrices, predictions.csv and a grid of
-faces, written into a fresh folder (an earlier report is never overwritten or mixed in).
+faces, written into a fresh folder (an earlier report is never overwritten or mixed in). The
+split is judged in the model's classes (FER2013's seven, or a folder's): faces of classes the
+model does not have are reported apart.
 """
 import math
 import os
+from collections import Counter
 
 import numpy as np
 
 import checkpoint
 import dataset
+import folders
 import onnx_model
 import predict
-from utils import DEFAULT_CSV, EMOTIONS, UserError, atomic_write, new_folder, save_figure, save_json
+from utils import DEFAULT_CSV, EMOTIONS, SPLITS, UserError, atomic_write, new_folder, save_figure, save_json
 
 
 def compute_metrics(probs, labels, class_names=EMOTIONS):
     """Loss, accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix
-    of probabilities (N, 7) against labels; classes absent from a small split count as zero.
+    of probabilities (N, classes) against labels; classes absent from a small split count as zero.
 
     Returns (metrics dict of plain Python values, scikit-learn's classification report text)."""
     from sklearn.metrics import classification_report, confusion_matrix
@@ -24,12 +28,12 @@ def compute_metrics(probs, labels, class_names=EMOTIONS):
     n = len(labels)
     if n == 0:
         raise UserError("there are no faces to evaluate")
-    if probs.shape != (n, len(EMOTIONS)):
+    if probs.shape != (n, len(class_names)):
         raise ValueError(f"probabilities of shape {probs.shape} for {n} labels")
-    if labels.min() < 0 or labels.max() >= len(EMOTIONS):
-        raise ValueError(f"labels must lie in 0-{len(EMOTIONS) - 1}")
+    if labels.min() < 0 or labels.max() >= len(class_names):
+        raise ValueError(f"labels must lie in 0-{len(class_names) - 1}")
     pred = probs.argmax(1)
-    classes = list(range(len(EMOTIONS)))
+    classes = list(range(len(class_names)))
     names = list(class_names)
     table = classification_report(labels, pred, labels=classes, target_names=names,
                                   zero_division=0, output_dict=True)
@@ -74,8 +78,8 @@ def save_confusion_matrices(cm, class_names, out_dir, suffix="", title="confusio
 
 
 def write_predictions(path, probs, labels, class_names):
-    """predictions.csv: index in the split, true and predicted label (number and name), and the
-    seven probabilities."""
+    """predictions.csv: index in the split, true and predicted label (number and name), and one
+    probability per class."""
     import pandas as pd
     names = np.asarray(class_names, dtype=object)
     labels = np.asarray(labels).astype(np.int64)
@@ -151,6 +155,19 @@ def training_data(paths, given):
                     f"({DEFAULT_CSV} is not there; README 'Getting FER2013')")
 
 
+def evaluation_data(paths, given, skip_bad_rows=False, faces="auto"):
+    """The data set to evaluate (training_data), as a dataset.FerData. A folder the checkpoint was
+    trained on must still hold the faces it was trained and tested on: if not, a note says what
+    changed."""
+    data = dataset.load_data(training_data(paths, given), skip_bad_rows, faces)
+    if data.files is not None and not onnx_model.is_onnx(paths[0]):
+        changed = folders.changes_since_training(data, checkpoint.load(paths[0]), paths[0])
+        if changed:
+            print(f"note: {changed}; these are not exactly the faces of the training run (its test "
+                  "split may even hold faces the model was trained on)")
+    return data
+
+
 def describe(models):
     """The model files of a report in a few words."""
     names = [os.path.basename(getattr(m, "source", m.name)) for m in models]
@@ -176,7 +193,8 @@ def report(models, images, labels, out_dir, tta="none", num_save=16, batch_size=
     out_dir = new_folder(out_dir, empty_is_new=True)
     modes = ("none",) if tta == "none" else ("none", tta)
     probs = predict.predict_modes(models, images, modes, batch_size, device)
-    results = {mode: compute_metrics(probs[mode], labels) for mode in modes}
+    class_names = predict.model_classes(models)
+    results = {mode: compute_metrics(probs[mode], labels, class_names) for mode in modes}
     metrics, text = results[tta]
     tta_name = "without TTA" if tta == "none" else f"TTA {tta}"
     log(f"{split_name} split: {len(labels)} faces, {describe(models)}")
@@ -191,15 +209,15 @@ def report(models, images, labels, out_dir, tta="none", num_save=16, batch_size=
     for mode in modes:  # the result without TTA, beside a TTA result, in files ending in _plain
         suffix = "_plain" if mode != tta else ""
         title = f"{split_name}, {'without TTA' if mode == 'none' else tta_name}"
-        paths = save_confusion_matrices(results[mode][0]["confusion_matrix"], EMOTIONS, out_dir, suffix, title)
+        paths = save_confusion_matrices(results[mode][0]["confusion_matrix"], class_names, out_dir, suffix, title)
         files[f"confusion_matrix{suffix}"], files[f"confusion_matrix{suffix}_normalized"] = paths
         files[f"predictions{suffix}"] = write_predictions(
-            os.path.join(out_dir, f"predictions{suffix}.csv"), probs[mode], labels, EMOTIONS)
+            os.path.join(out_dir, f"predictions{suffix}.csv"), probs[mode], labels, class_names)
     indices = list(range(min(num_save, len(labels))))
     if indices:
-        files["faces"] = save_faces(images, labels, probs[tta].argmax(1), EMOTIONS, out_dir, indices)
+        files["faces"] = save_faces(images, labels, probs[tta].argmax(1), class_names, out_dir, indices)
         files["faces_grid"] = save_face_grid(
-            images, labels, probs[tta], EMOTIONS, indices, os.path.join(out_dir, "faces_grid.png"),
+            images, labels, probs[tta], class_names, indices, os.path.join(out_dir, "faces_grid.png"),
             f"{split_name}: first {len(indices)} faces, {tta_name} (green right, red wrong)")
     result = {"tta": tta, "split": split_name, **metrics}
     if tta != "none":
@@ -207,8 +225,66 @@ def report(models, images, labels, out_dir, tta="none", num_save=16, batch_size=
     files["metrics"] = os.path.join(out_dir, "metrics.json")
     result.update(checkpoints=[os.path.abspath(getattr(m, "source", m.name)) for m in models],
                   models=[getattr(m, "name", type(m).__name__) for m in models],
-                  class_names=list(EMOTIONS), classification_report=text, files=files)
+                  class_names=list(class_names), classification_report=text, files=files)
     save_json(result, files["metrics"])
     log("wrote metrics.json, predictions.csv, confusion matrices"
         + (f", {len(indices)} faces and their grid" if indices else "") + f" to {out_dir}")
     return dict(result, folder=out_dir, probs=probs[tta], indices=indices)
+
+
+def report_split(models, data, split, out_dir, tta="none", num_save=16, batch_size=None, device="cpu"):
+    """report() on one split of a data set (dataset.FerData: a CSV or a folder; split 'all': every
+    face), in the models' classes. Faces of classes the models do not have (a folder's contempt)
+    are left out of the metrics and reported apart under classes_not_in_model, with what the
+    models took them for; a folder's predictions.csv also names each face's file.
+
+    Returns (report()'s result, the faces and labels reported: what explain.py maps)."""
+    images, labels = data.split(split)
+    names = predict.model_classes(models)
+    mapped = to_model_classes(labels, data.class_names, names)
+    known = mapped >= 0
+    if not known.any():
+        raise UserError(f"none of the classes of {folders.shown(data.source)} ({', '.join(data.class_names)}) "
+                        f"is one of the model's ({', '.join(names)})")
+    split_name = split if data.files is not None else f"{split} ({SPLITS.get(split, 'every row')})"
+    faces, apart = (images, None) if known.all() else (images[known], images[~known])
+    result = report(models, faces, mapped[known], out_dir, tta, num_save, batch_size, device, split_name)
+    if data.files is not None:
+        files = np.asarray(data.files, dtype=object)[data.mask(split)][known]
+        for key in ("predictions", "predictions_plain"):
+            if key in result["files"]:
+                add_file_column(result["files"][key], [folders.shown(f) for f in files])
+    if apart is not None:
+        probs = predict.predict(models, apart, tta, batch_size, device)
+        result["classes_not_in_model"] = taken_for(labels[~known], probs, data.class_names, names)
+        for name, seen in result["classes_not_in_model"].items():
+            print(f"{name}: {seen['faces']} faces of a class the model does not have, left out of the "
+                  "metrics; taken for " + ", ".join(f"{k} {v}" for k, v in seen["taken_for"].items()))
+        save_json({k: v for k, v in result.items() if k not in ("folder", "probs", "indices")},
+                  result["files"]["metrics"])
+    return result, faces, mapped[known]
+
+
+def to_model_classes(labels, class_names, model_names):
+    """Labels (indices into `class_names`) renumbered as a model's classes (by name, any case);
+    -1 for a class the model does not have."""
+    index = {name.lower(): i for i, name in enumerate(model_names)}
+    return np.array([index.get(name.lower(), -1) for name in class_names], np.int64)[labels]
+
+
+def taken_for(labels, probs, class_names, model_names):
+    """What a model took the faces of classes it does not have for: {class: {"faces": n,
+    "taken_for": {its class: faces, most first}}}."""
+    guesses = np.asarray(probs).argmax(1)
+    return {class_names[label]: {"faces": int((labels == label).sum()), "taken_for": {
+        model_names[k]: n for k, n in Counter(guesses[labels == label].tolist()).most_common()}}
+        for label in np.unique(labels)}
+
+
+def add_file_column(path, files):
+    """A `file` column (each face's image) after the index of a predictions CSV."""
+    import pandas as pd
+    table = pd.read_csv(path, keep_default_na=False)
+    table.insert(1, "file", files)
+    text = table.to_csv(index=False, float_format="%.6f", lineterminator="\n")
+    atomic_write(path, lambda f: f.write(text.encode()))

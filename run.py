@@ -1,4 +1,5 @@
-"""Train one of the five models on FER2013, select on PublicTest, then test on PrivateTest.
+"""Train one of the five models on FER2013 (or a folder of face images), select on PublicTest,
+then test on PrivateTest (a folder's val and test splits).
 
 This file is the one place that decides when to validate, stop and save (train.py holds the
 steps, checkpoint.py the files): torchvision's classification reference drives its
@@ -11,6 +12,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports load (a second or more) j
 import argparse
 import contextlib
 import csv
+import functools
 import glob
 import io
 import math
@@ -23,11 +25,12 @@ import torch
 
 import checkpoint
 import dataset
+import folders
 import predict
 import report
 import train
-from models import MODEL_NAMES, build_model
-from utils import (DEFAULT_CSV, EMOTIONS, Parser, UserError, atomic_write, autocast_dtype, clip, check_writable, device_flags, flag,
+from models import MODEL_NAMES, build_model, fit_classes
+from utils import (DEFAULT_CSV, Parser, UserError, atomic_write, autocast_dtype, clip, check_writable, device_flags, flag,
                    eval_batch_size, file_sha256, one_of, path_arg, reuse_freed_memory, run_cli, save_figure, save_json,
                    seed_everything, select_device)
 
@@ -50,6 +53,7 @@ EXAMPLES = """examples:
   python3 run.py -m vgg2_2_2 -d fer2013.csv.gz --amp --weighted_loss
   python3 run.py --checkpoint checkpoint/RUN/vgg2_2_2_last.pth     # resume where it stopped
   python3 run.py -m vgg2_4_2_conv3 --init_from pretrained/fer2013_vgg2_4_2_conv3.pth   # fine-tune
+  python3 run.py -d my_faces/ --init_from pretrained/fer2013_vgg2_4_2_conv5.pth   # your own images
   torchrun --nproc_per_node 8 run.py -m vgg2_4_2_conv3              # several GPUs
 
 Each run gets its own folders, checkpoint/RUN/ and outputs/RUN/ (RUN = model and start time)."""
@@ -60,9 +64,10 @@ def get_args_parser():
                epilog=EXAMPLES)
     g = p.add_argument_group("data")
     flag(g, "-d", "--dataset", type=path_arg, default=DEFAULT_CSV,
-         help="FER2013 CSV (.csv/.gz/.xz/.zip), or 'synthetic' for the built-in faces "
-              "(default: %(default)s)")
+         help="FER2013 CSV (.csv/.gz/.xz/.zip), 'synthetic' for the built-in faces, or a folder of "
+              "images, DIR/<class>/* or DIR/<split>/<class>/* (default: %(default)s)")
     flag(g, "--skip_bad_rows", action="store_true", help="drop malformed CSV rows (with a warning)")
+    dataset.faces_flag(g)
 
     g = p.add_argument_group("model")
     flag(g, "-m", "--model", type=one_of(MODEL_NAMES, "model"), default=None, metavar="MODEL",
@@ -307,7 +312,7 @@ def training_parts(model, args, train_labels, device, teachers=(), world=1):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = autocast_dtype(args.amp, device)
-    weights = train.class_weights(train_labels).to(device) if args.wl else None
+    weights = train.class_weights(train_labels, len(model.class_names)).to(device) if args.wl else None
     return train.Parts(
         model, make_optimizer(model, args),
         torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing),
@@ -422,7 +427,7 @@ def class_counts(data):
 class Run:
     """One training run as main() drives it: built by prepare(), its state saved by save()."""
     args: argparse.Namespace
-    data: object  # dataset.Fer2013
+    data: object  # dataset.FerData: a CSV's faces or a folder's
     splits: dict  # {"train"|"val"|"test": (images, labels)}
     parts: train.Parts
     state: checkpoint.TrainState
@@ -441,9 +446,9 @@ class Run:
 def main(argv):
     """Train to the next validation, validate, decide, save; then test the best on PrivateTest."""
     args, resume, init = resolve_run(get_args_parser(), argv)
-    folders = {"new": [], "lock": [], "ckpt": None}  # what this command created and holds (release)
+    created = {"new": [], "lock": [], "ckpt": None}  # what this command created and holds (release)
     try:
-        run = prepare(args, resume, init, folders)
+        run = prepare(args, resume, init, created)
         if run is None:
             return 0
         announce(run, resume, init)
@@ -479,12 +484,12 @@ def main(argv):
         kept = checkpoint.kept_note(os.path.dirname(run.paths["last"]))
         raise UserError(f"{err} and {kept}. Try a lower --lr.") from None
     finally:
-        release(folders)
+        release(created)
 
 
-def prepare(args, resume, init, folders):
+def prepare(args, resume, init, created):
     """Everything a run needs: first its folders (the run name is checked and claimed before any
-    download or slow work; `folders` records what this command created, which main removes again
+    download or slow work; `created` records what this command created, which main removes again
     if it stays empty), then the data and the models. Returns the Run, or None when a resumed run
     has nothing left to do."""
     rank, world, device = setup_distributed(args.device)
@@ -496,9 +501,9 @@ def prepare(args, resume, init, folders):
     paths = {kind: os.path.join(ckpt_dir, f"{args.model}_{kind}.pth") for kind in ("best", "last")}
     if resume is not None and finished(args, resume, out_dir):
         return None
-    folders.update(new=missing_folders(ckpt_dir) + missing_folders(out_dir), ckpt=ckpt_dir)
+    created.update(new=missing_folders(ckpt_dir) + missing_folders(out_dir), ckpt=ckpt_dir)
     if rank == 0:
-        folders["lock"].append(claim_run_folder(ckpt_dir, resume is not None, args.model))
+        created["lock"].append(claim_run_folder(ckpt_dir, resume is not None, args.model))
         check_outputs(out_dir, resume is not None)
         check_writable(out_dir)
     reuse_freed_memory(device)  # each step's large activations reuse memory, not fault it in again
@@ -506,19 +511,16 @@ def prepare(args, resume, init, folders):
     if args.threads:
         torch.set_num_threads(args.threads)
     teachers = load_teachers(args, device)
-    data = dataset.load_fer2013(args.dataset, args.skip_bad_rows, log=log)
+    data = dataset.load_data(args.dataset, args.skip_bad_rows, args.faces, log=log, training=True)
     # Each split once (a split copies its faces); a missing one fails now, not after training.
     splits = {name: data.split(name) for name in ("train", "val", "test")}
+    check_data(data, args, resume, teachers)
     counts = class_counts(data)
     if resume is not None and resume.get("class_counts") not in (None, counts):
         raise UserError(f"{args.dataset} is not the data set this run was trained on (faces per split "
                         f"and class differ from those in {args.checkpoint}): resume with that file's -d")
     seed_everything(args.seed + rank)
-    if init is not None:
-        model, used_imagenet = checkpoint.build_model(init, source=args.init_from), init.get("pretrained_used", False)
-        model.train()
-    else:
-        model, used_imagenet = build_model(args.model, "no" if resume is not None else args.pretrained)
+    model, used_imagenet = initial_model(args, data, init, resume, log)
     parts = training_parts(model, args, splits["train"][1], device, teachers, world)
     state = restore(parts, resume, rank, args.checkpoint) if resume is not None else checkpoint.TrainState()
     if args.amp and parts.amp_dtype is None:
@@ -531,13 +533,44 @@ def prepare(args, resume, init, folders):
                used_imagenet, rank, log, counts)
 
 
+def initial_model(args, data, init, resume, log):
+    """(model, whether it has ImageNet weights): the --init_from weights, with a head for the data's
+    classes (a folder's may be others), or a new model (resuming loads its weights next)."""
+    if init is None:
+        return build_model(args.model, "no" if resume is not None else args.pretrained, data.class_names)
+    model = checkpoint.build_model(init, source=args.init_from).train()
+    new_head = fit_classes(model, data.class_names)
+    if new_head:
+        log(f"note: {new_head}")
+    return model, init.get("pretrained_used", False)
+
+
+def check_data(data, args, resume, teachers):
+    """A resumed run must find the faces it started with (a folder's are named when they
+    changed); teachers must have the data's classes, which are the student's. A folder's faces
+    setting and fingerprint go into args, so into args.json and every checkpoint."""
+    if resume is not None:
+        split_file = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), folders.SPLIT_FILE)
+        changed = folders.changes(data, getattr(args, "data_sha256", None), split_file)
+        if changed:
+            raise UserError(f"{changed}; resume with the folder as it was when the run started "
+                            "(or start a new run on it)")
+    for path, teacher in zip(args.teacher or [], teachers):
+        if tuple(teacher.class_names) != tuple(data.class_names):
+            raise UserError(f"teacher {path} has the classes {', '.join(teacher.class_names)}; the data's "
+                            f"are {', '.join(data.class_names)}: a teacher must have the student's classes")
+    if data.files is not None:
+        args.faces, args.data_sha256 = data.faces, data.fingerprint
+
+
 def finished(args, resume, out_dir):
     """True (with a note on how to go on) when the resumed run has no epochs left or stopped
     early: resuming it again would only test it again."""
     state, counts = resume["train_state"], resume.get("class_counts") or {}
-    if "Training" not in counts:
+    trained = counts.get("Training", counts.get("train"))  # a CSV's split names, or a folder's
+    if trained is None:
         return False
-    steps_per_epoch = math.ceil(sum(counts["Training"]) / (args.batch_size * resume.get("world_size", 1)))
+    steps_per_epoch = math.ceil(sum(trained) / (args.batch_size * resume.get("world_size", 1)))
     if state.step >= args.epoch_num * steps_per_epoch:
         why, how = f"finished all its {args.epoch_num} epochs", "--epoch_num N (more than " + f"{args.epoch_num})"
     elif state.bad_validations >= args.patience:
@@ -545,7 +578,7 @@ def finished(args, resume, out_dir):
                     f"--patience N (more than {args.patience})")
     else:
         return False
-    print(f"note: {args.run_name} already {why}; its PrivateTest report is in "
+    print(f"note: {args.run_name} already {why}; its test report is in "
           f"{os.path.join(out_dir, 'test')} (or the folder of the command that finished it). "
           f"To train it further: python3 run.py --checkpoint {args.checkpoint} {how}")
     return True
@@ -569,15 +602,15 @@ def missing_folders(path):
     return missing
 
 
-def release(folders):
+def release(created):
     """Give back what prepare() took: the run folder's lock, and the folders it made when the run
     saved no checkpoint (a run that fails before its first save leaves none, not its args.json)."""
-    for lock in folders["lock"]:
+    for lock in created["lock"]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(lock.name)  # while still holding it: see claim_run_folder
         lock.close()
-    saved = folders["ckpt"] and glob.glob(os.path.join(glob.escape(folders["ckpt"]), "*.pth"))
-    for folder in folders["new"]:
+    saved = created["ckpt"] and glob.glob(os.path.join(glob.escape(created["ckpt"]), "*.pth"))
+    for folder in created["new"]:
         if not saved and os.path.isdir(folder) and os.listdir(folder) == ["args.json"]:
             os.remove(os.path.join(folder, "args.json"))
         if os.path.isdir(folder) and not os.listdir(folder):
@@ -696,10 +729,10 @@ def announce(run, resume, init):
         return
     args, parts, log = run.args, run.parts, run.log
     log(f"{run.data.source}: {len(run.splits['train'][1])} training, {len(run.val_batches.labels)} validation faces")
-    log(dataset.class_table(dataset.class_counts(run.data)))
+    log(dataset.class_table(dataset.class_counts(run.data), run.data.class_names))
     if args.wl:
         log("class weights (inverse frequency, mean 1): " + ", ".join(
-            f"{name} {w:.3f}" for name, w in zip(EMOTIONS, parts.loss_fn.weight.tolist())))
+            f"{name} {w:.3f}" for name, w in zip(run.data.class_names, parts.loss_fn.weight.tolist())))
     if init is not None:
         log(f"starting from the weights of {args.init_from} (fine-tuning)")
     if parts.teachers:
@@ -714,6 +747,8 @@ def announce(run, resume, init):
             log(f"note: {best} is newer than {args.checkpoint} (a save was cut short); "
                 f"continuing from {args.checkpoint}")
     save_json(vars(args), os.path.join(run.out_dir, "args.json"))
+    for folder in (run.out_dir, os.path.dirname(run.paths["last"])):  # a folder's split, beside the run
+        folders.write_split(run.data, folder)
     world, amp = parts.world, parts.amp_dtype
     log(f"{args.model} on {run.batches.device.type}" + (f" x{world} processes" if world > 1 else "") +
         f": {len(run.batches)} steps per epoch, "
@@ -738,17 +773,18 @@ def finish(run, ended, total_steps):
     if state.history:
         write_history(state.history, run.out_dir)
         draw_or_warn(plot_curves, state.history, os.path.join(run.out_dir, "curves.png"))
-    draw_or_warn(dataset.plot_class_distribution, dataset.class_counts(run.data),
-                 os.path.join(run.out_dir, "class_distribution.png"))
+    draw_or_warn(functools.partial(dataset.plot_class_distribution, class_names=run.data.class_names),
+                 dataset.class_counts(run.data), os.path.join(run.out_dir, "class_distribution.png"))
     if stopped:
         log(f"resume with: python3 run.py --checkpoint {run.paths['last']}")
         return 130
     if os.path.exists(run.paths["best"]):
         device = run.batches.device
-        log("testing the best checkpoint on PrivateTest")
+        test_name = "test (PrivateTest)" if run.data.files is None else "test"  # a folder's own split
+        log(f"testing the best checkpoint on the {test_name} split")
         report.report(predict.load_models(run.paths["best"], device), *run.splits["test"],
                       os.path.join(run.out_dir, "test"), num_save=args.num_save,
-                      batch_size=args.eval_batch_size, device=device, split_name="test (PrivateTest)", log=log)
+                      batch_size=args.eval_batch_size, device=device, split_name=test_name, log=log)
     return 0
 
 

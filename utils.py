@@ -8,6 +8,7 @@ import json
 import shutil
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -20,6 +21,24 @@ NUM_CLASSES = len(EMOTIONS)
 SIDE = 48  # faces are SIDE x SIDE grey pixels
 DEFAULT_CSV = "./data/fer2013.csv"
 SPLITS = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}  # name -> Usage column
+
+
+MAX_CLASS_NAME = 100  # characters
+
+
+def class_names_problem(names):
+    """Why `names` cannot be a model's classes, or None when they can. A model of a folder has the
+    folder's classes; the names end up in file names (faces/<class>_<i>.png) and CSV columns, so
+    each must be a plain file name."""
+    if not isinstance(names, (list, tuple)) or len(names) < 2:
+        return "a model needs a list of at least two class names"
+    if not all(isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME for n in names):
+        return f"every class name must be text of 1-{MAX_CLASS_NAME} characters"
+    if len(set(names)) != len(names):
+        return "two classes have the same name"
+    if any(n.startswith(".") or re.search(r"[/\\\x00-\x1f\x7f]", n) for n in names):
+        return "a class name is not a plain file name (a path, a leading dot or a control character)"
+    return None
 
 
 class UserError(Exception):

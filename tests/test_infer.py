@@ -596,9 +596,11 @@ def test_bad_checkpoint_is_a_clear_error(kind, ckpts, astronaut_jpg, tmp_path, c
         assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("names", [["Anger", *utils.EMOTIONS[1:]], ["../../../X", *utils.EMOTIONS[1:]]])
-def test_a_checkpoint_with_other_class_names_is_refused(ckpts, split, tmp_path, capsys, names):
-    """Class names come from our own table: they end up in file names (faces/<Emotion>_<i>.png)."""
+@pytest.mark.parametrize("names", [["../../../X", *utils.EMOTIONS[1:]], [".hidden", *utils.EMOTIONS[1:]],
+                                   ["Sad", *utils.EMOTIONS[1:]], ["Angry"]])
+def test_a_checkpoint_with_unsafe_class_names_is_refused(ckpts, split, tmp_path, capsys, names):
+    """A model's class names (FER2013's, or a folder's) end up in file names (faces/<class>_<i>.png):
+    paths, hidden names, duplicates and a single class are refused."""
     renamed = save_checkpoint(tmp_path / "renamed.pth", random_model(3))
     ckpt = torch.load(renamed, weights_only=True)
     ckpt["class_names"] = names

@@ -60,24 +60,24 @@ def test_clip_gives_rows_times_one_track_video_timeline_and_summary(ckpt, clip, 
     assert sorted(set(table["frame"])) == list(range(FRAMES))  # every frame, once per face
     assert not table.duplicated(["frame", "track"]).any()
     np.testing.assert_allclose(table["time_s"], table["frame"] / FPS, atol=1e-3)
-    faces = table[table["emotion"] != "no face"]
-    assert sorted(faces["frame"]) == [k for k, boxes in enumerate(truth) if boxes]
+    rows = table[table["emotion"] != "no face"]  # (`faces` is the module)
+    assert sorted(rows["frame"]) == [k for k, boxes in enumerate(truth) if boxes]
     assert (table[table["emotion"] == "no face"]["track"] == "").all()
-    assert faces["track"].nunique() == 1  # the face keeps its id
-    for (_, row), boxes in zip(faces.iterrows(), [b for b in truth if b]):
-        assert video.overlap([int(row[k]) for k in "xywh"], boxes[0]) > 0.5
-    probs = faces[[f"p_{n}" for n in utils.EMOTIONS]].astype(float).to_numpy()
+    assert rows["track"].nunique() == 1  # the face keeps its id
+    for (_, row), boxes in zip(rows.iterrows(), [b for b in truth if b]):
+        assert faces.overlap([int(row[k]) for k in "xywh"], boxes[0]) > 0.5
+    probs = rows[[f"p_{n}" for n in utils.EMOTIONS]].astype(float).to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
-    assert list(faces["emotion"]) == [utils.EMOTIONS[i] for i in probs.argmax(1)]
+    assert list(rows["emotion"]) == [utils.EMOTIONS[i] for i in probs.argmax(1)]
     assert count_frames(folder / "annotated.mp4") == FRAMES
     assert cv2.imread(str(folder / "timeline.png")) is not None
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["frames_analysed"] == FRAMES and not summary["interrupted"]
     assert not summary["stopped_early"]
     (track,) = summary["tracks"]
-    assert track["frames"] == len(faces)
-    assert track["time_on_screen_s"] == pytest.approx(len(faces) / FPS)
-    shares = faces["emotion"].value_counts(normalize=True)
+    assert track["frames"] == len(rows)
+    assert track["time_on_screen_s"] == pytest.approx(len(rows) / FPS)
+    shares = rows["emotion"].value_counts(normalize=True)
     assert track["emotions"] == {n: pytest.approx(shares.get(n, 0), abs=1e-4) for n in utils.EMOTIONS}
     assert track["dominant"] == shares.index[0]
     assert "interview: 16 frame(s) analysed" in stdout and "Traceback" not in err

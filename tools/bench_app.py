@@ -31,7 +31,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tools import app_browser  # noqa: E402
-from tools.bench_video import machine, make_clip, read_all  # noqa: E402
+from tools.bench_video import make_clip, read_all  # noqa: E402
+from tools.common import machine_info  # noqa: E402
 from utils import save_json  # noqa: E402
 
 
@@ -107,7 +108,7 @@ def bench_camera(url, frames, folder, seconds, checkpoints):
 def table(result):
     m = result["machine"]
     lines = [f"{result['checkpoints']}, {m['cpu']} ({m['cores']} cores), load at start "
-             f"{m['load_average']}, at end {result['load_average_at_end']}"
+             f"{m['load_average_at_start']}, at end {result['load_average_at_end']}"
              + (f"; {result['note']}" if result["note"] else ""),
              "", "| what | median | 90th percentile | calls |", "|---|---|---|---|"]
     for key, what in (("photo_api", "640x480 photo, 1 face: HTTP API (upload, /photo, picture)"),
@@ -136,7 +137,7 @@ def main(argv=None):
                    help="the result with the machine's description (default: results/bench_app.json)")
     p.add_argument("--note", default="", help="a remark stored with the result (e.g. what else ran)")
     args = p.parse_args(argv)
-    result = {"machine": machine(), "checkpoints": args.checkpoint or ["(app.py's default)"],
+    result = {"machine": machine_info(), "checkpoints": args.checkpoint or ["(app.py's default)"],
               "note": args.note}
     with tempfile.TemporaryDirectory(prefix="bench-app-") as tmp:
         clip = os.path.join(tmp, "clip.mp4")
