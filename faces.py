@@ -472,9 +472,10 @@ def annotate(image, faces, legend=True):
     return image
 
 def write_image(path, image):
+    """An annotated copy, written whole or not at all (not fsynced: running again remakes it)."""
     import cv2
     ext = os.path.splitext(path)[1].lower()
     ok, buf = cv2.imencode(ext if ext in IMAGE_EXTENSIONS else ".png", image)
     if not ok:
         raise OSError(f"could not encode {path}")
-    atomic_write(path, lambda f: f.write(buf.tobytes()))
+    atomic_write(path, lambda f: f.write(buf.tobytes()), durable=False)

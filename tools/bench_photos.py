@@ -23,6 +23,8 @@ import photos  # noqa: E402
 import predict  # noqa: E402
 from utils import autocast_dtype, save_json  # noqa: E402
 
+BATCH = photos.PHOTO_BATCH  # the default, measured against one photo per forward pass
+
 
 def write_inputs(folder, n_faces, n_photos):
     import cv2
@@ -66,7 +68,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         write_inputs(folder, args.faces, args.photos)
         for kind, detector in (("faces", faces.WholePicture()), ("photos", faces.face_detector())):
-            for batch in (photos.PHOTO_BATCH, 1):
+            for batch in (BATCH, 1):
                 run = timed(folder, kind, models, batch, detector)
                 report["runs"].append(run)
                 print(f"| {kind} | {'all of ' + str(batch) + ' photos' if batch > 1 else 'one photo'} | {run['images']} | "
