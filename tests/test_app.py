@@ -296,8 +296,8 @@ def test_an_onnx_model_serves_photos_and_says_grad_cam_needs_pth(astronaut_jpg, 
 def test_camera_frame_is_drawn_as_a_photo(served, models, astronaut_jpg):
     bgr = cv2.imread(astronaut_jpg)
     shown = app.camera(served.page, np.ascontiguousarray(bgr[:, :, ::-1]))
-    faces = infer.detect_emotions(models, bgr)
-    want = photos.annotate(bgr.copy(), [(f["box"], f["emotion"], f["confidence"]) for f in faces])
+    found = infer.detect_emotions(models, bgr)
+    want = photos.annotate(bgr.copy(), [(f["box"], f["emotion"], f["confidence"]) for f in found])
     np.testing.assert_array_equal(shown[:, :, ::-1], want)
 
 
