@@ -765,7 +765,8 @@ def finish(run, ended, total_steps):
     log(f"{ended}; step {state.step} of {total_steps}, {state.elapsed:.0f} s in all, "
         f"{run.session_steps * args.batch_size * run.parts.world / max(seconds, 1e-9):.0f} training images/s "
         "in this session")
-    if run.parts.world > 1:
+    if run.parts.world > 1:  # all ranks leave together: a rank gone early can abort the others' gloo
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     stopped = ended.startswith("stopped by")
     if run.rank != 0:
