@@ -165,6 +165,9 @@ def add_recipe_flags(p):
          help="the erased rectangle's area, as a share of the face (default: 0.02 0.2)")
     flag(g, "--erase_ratio", type=float, default=3.0,
          help="the erased rectangle's aspect ratio lies in [1/R, R] (default: %(default)g)")
+    flag(g, "--mixup", type=float, default=0.0, metavar="ALPHA",
+         help="blend each training face with another of its batch, weight ~ Beta(ALPHA, ALPHA), and "
+              "their labels alike (Zhang et al. 2018; 0.2-0.4 there); 0 = off (default: %(default)g)")
 
 
 def check_args(args):
@@ -184,6 +187,7 @@ def check_args(args):
              (0 <= args.erase_p <= 1, "--erase_p must be in [0, 1]"),
              (0 < args.erase_area[0] <= args.erase_area[1] <= 1, "--erase_area needs 0 < MIN <= MAX <= 1"),
              (args.erase_ratio >= 1, "--erase_ratio must be at least 1"),
+             (args.mixup >= 0, "--mixup must be 0 or more"),
              (0 < args.scale[0] <= args.scale[1], "--scale needs 0 < MIN <= MAX"),
              (0 <= args.max_shift < 1, "--max_shift must be in [0, 1)"),
              (0 <= args.max_rotate <= 180, "--max_rotate must be in [0, 180]"),
@@ -753,7 +757,8 @@ def announce(run, resume, init):
     log(f"{args.model} on {run.batches.device.type}" + (f" x{world} processes" if world > 1 else "") +
         f": {len(run.batches)} steps per epoch, "
         f"{str(amp).split('.')[-1] + ' autocast' if amp else 'fp32'}, ImageNet prefix: {'yes' if run.used_imagenet else 'no'}"
-        f", weight average: {'decay ' + str(args.ema_decay) if parts.ema is not None else 'off'}; "
+        f", weight average: {'decay ' + str(args.ema_decay) if parts.ema is not None else 'off'}"
+        f"{f', mixup alpha {args.mixup:g}' if args.mixup else ''}; "
         f"checkpoints in {os.path.dirname(run.paths['last'])}, outputs in {run.out_dir}")
 
 

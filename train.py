@@ -71,6 +71,20 @@ def augment(images, generator, args):
     return x
 
 
+def mixup(x, labels, generator, alpha):
+    """Mixup (Zhang et al., ICLR 2018): every face of the batch blended with another one of it,
+    with one weight lam ~ Beta(alpha, alpha) per batch, taken as max(lam, 1 - lam) (the same
+    distribution, as fastai does) so that each face's own label stays the larger part. Returns
+    (mixed faces, the partners' labels, lam). The draws come after the augmentation's from the
+    batch's generator, so the augmentation is unchanged and a resumed run repeats them. With
+    teachers, they label the mixed faces: faces they have not memorised (Beyer et al., CVPR 2022)."""
+    partner = torch.randperm(len(x), generator=generator)
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    lam = max(lam, 1 - lam)
+    return lam * x + (1 - lam) * x[partner.to(x.device)], labels[partner.to(labels.device)], lam
+
+
 def batch_generator(seed, epoch, batch):
     """The CPU generator for one batch's augmentation: a pure function of its position."""
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + batch)
@@ -203,8 +217,8 @@ def check_finite(loss, step, lr):
 def train_steps(parts, batches, state, args, until, stop, show_progress=True):
     """Train parts.model from state.step up to step `until` (across epoch boundaries), updating
     the weight average after every step; `args` are run.py's settings. Returns (train loss,
-    train accuracy, faces seen, why it stopped early or None). With teachers (parts.teachers) the
-    loss is the distillation loss.
+    train accuracy (against each face's own label, the larger part under --mixup), faces seen, why
+    it stopped early or None). With teachers (parts.teachers) the loss is the distillation loss.
 
     The loss is checked every 20 steps (one host sync, shared with the progress bar); under
     torchrun the ranks agree there on whether a Ctrl-C / SIGTERM (`stop.requested`) stops them."""
@@ -227,7 +241,10 @@ def train_steps(parts, batches, state, args, until, stop, show_progress=True):
                                                        args.scheduler)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = augment(images, batch_generator(args.seed, epoch, batch), args)
+            generator = batch_generator(args.seed, epoch, batch)
+            x = augment(images, generator, args)
+            if args.mixup > 0:
+                x, partner_labels, lam = mixup(x, labels, generator, args.mixup)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with predict.autocast(batches.device, parts.amp_dtype):
@@ -235,6 +252,8 @@ def train_steps(parts, batches, state, args, until, stop, show_progress=True):
                 soft_targets = (teacher_probabilities(parts.teachers, x, args.kd_temperature)
                                 if parts.teachers else None)
             loss = parts.loss_fn(logits.float(), labels)
+            if args.mixup > 0:
+                loss = lam * loss + (1 - lam) * parts.loss_fn(logits.float(), partner_labels)
             if soft_targets is not None:
                 loss = distillation_loss(loss, logits.float(), soft_targets, args.kd_alpha,
                                          args.kd_temperature)

@@ -63,7 +63,8 @@ def final_weights(path):
 
 @pytest.mark.parametrize("batch, stopped_at, extra", [
     (2, 9, []), (1, 8, []),
-    (2, 9, ["--teacher", os.path.join(ROOT, "pretrained", "fer2013_vgg2_0_2.pth")])])  # distillation
+    (2, 9, ["--teacher", os.path.join(ROOT, "pretrained", "fer2013_vgg2_0_2.pth")]),  # distillation
+    (2, 9, ["--mixup", "0.4", "--teacher", os.path.join(ROOT, "pretrained", "fer2013_vgg2_0_2.pth")])])
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_csv, tmp_path, monkeypatch,
                                                                  batch, stopped_at, extra):
     common = ["-m", "vgg2_0_2", "--epoch_num", "3", "--batch_size", "32",
@@ -169,6 +170,7 @@ def test_weighted_run_prints_the_weights(tiny_csv, tmp_path, capsys):
     (["--patience", "0"], "--patience must be at least 1"),
     (["--epoch_num", "0"], "--epoch_num must be positive"),
     (["--label_smoothing", "1.5"], "--label_smoothing must be in"),
+    (["--mixup", "-0.2"], "--mixup must be 0 or more"),
 ])
 def test_impossible_values_fail_before_any_work(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -240,6 +242,29 @@ def test_failed_checkpoint_write_keeps_the_old_file(tmp_path):
         atomic_write(path, dies_halfway)
     assert path.read_bytes() == b"good old checkpoint"
     assert os.listdir(tmp_path) == ["model_best.pth"]  # no temporary file left behind
+
+
+def test_mixup_blends_each_face_with_its_partners_and_keeps_its_own_label_the_larger_part():
+    # Face i is filled with the value i and labelled i: a mixed face's value tells its blend.
+    x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 1, 4, 4)
+    labels = torch.arange(8)
+    mixed, partners, lam = train.mixup(x, labels, torch.Generator().manual_seed(1), 0.4)
+    assert 0.5 <= lam <= 1 and sorted(partners.tolist()) == list(range(8))  # a permutation
+    assert torch.allclose(mixed[:, 0, 0, 0], lam * labels + (1 - lam) * partners)
+    assert (partners != labels).any()  # faces are mixed with others, not with themselves
+    again = train.mixup(x, labels, torch.Generator().manual_seed(1), 0.4)
+    assert torch.equal(mixed, again[0]) and lam == again[2]  # a pure function of the generator
+    lams = [train.mixup(x, labels, torch.Generator().manual_seed(s), 0.4)[2] for s in range(200)]
+    assert min(lams) >= 0.5 and 0.7 < sum(lams) / len(lams) < 0.95  # folded Beta(0.4, 0.4): mean ~0.82
+
+
+def test_a_mixup_run_mixes_every_training_batch_and_says_so(tiny_csv, tmp_path, monkeypatch, capsys):
+    alphas, real = [], train.mixup
+    monkeypatch.setattr(train, "mixup", lambda *a: alphas.append(a[3]) or real(*a))
+    assert run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "1",
+                             "--batch_size", "32", "--mixup", "0.3")) == 0
+    assert alphas == [0.3] * 6  # 192 training faces in batches of 32
+    assert "mixup alpha 0.3" in capsys.readouterr().out
 
 
 def test_batched_augmentation_keeps_shapes_labels_and_range():
