@@ -109,11 +109,19 @@ class Batches:
         return torch.tensor_split(shard, len(self))
 
     def epoch(self, epoch, start=0, stop=None):
-        """Yield (batch index, images, labels) of batches start..stop-1 (to resume mid-epoch)."""
+        """Yield (batch index, the faces' indices in the split, images, labels) of batches
+        start..stop-1 (to resume mid-epoch)."""
         for i, idx in enumerate(self.epoch_indices(epoch)[start:stop], start):
             idx = idx.to(self.labels.device)
-            yield (i, self.images[idx].to(self.device, non_blocking=True),
+            yield (i, idx.to(self.device, non_blocking=True), self.images[idx].to(self.device, non_blocking=True),
                    self.labels[idx].to(self.device, non_blocking=True))
+
+
+def fold_of(n, folds):
+    """The fold (0 .. folds - 1) of each of n training faces: a fixed shuffle, the same for every
+    run and seed, so that a teacher trained without one fold (run.py --hold_out) and a student
+    distilled from it agree on which faces the teacher never saw."""
+    return np.random.default_rng(2026).permutation(n) % folds
 
 
 def resolve_path(path):

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 import checkpoint
@@ -153,6 +154,11 @@ def add_recipe_flags(p):
          help="weight of the teachers' soft targets; 1 - alpha goes to the labels (default: %(default)s)")
     flag(g, "--kd_temperature", type=float, default=4.0,
          help="softmax temperature of the soft targets (default: %(default)s)")
+    flag(g, "--hold_out", type=int, nargs=2, default=None, metavar=("FOLD", "FOLDS"),
+         help="train without fold FOLD (0 .. FOLDS-1) of the training faces, split into FOLDS by a "
+              "fixed shuffle: a teacher for faces it has never seen. A student distilled from such "
+              "teachers gets each face's soft target from those that held out its fold (and from "
+              "teachers trained on every face)")
 
     g = p.add_argument_group("augmentation (batched, see train.augment)")
     flag(g, "--max_rotate", type=float, default=10.0, help="largest rotation, degrees (default: %(default)g)")
@@ -196,6 +202,9 @@ def check_args(args):
              (0 <= args.ema_decay < 1, "--ema_decay must be in [0, 1)"),
              (0 <= args.kd_alpha <= 1, "--kd_alpha must be in [0, 1]"),
              (args.kd_temperature > 0, "--kd_temperature must be positive"),
+             (args.hold_out is None or 0 <= args.hold_out[0] < args.hold_out[1],
+              "--hold_out FOLD FOLDS needs 0 <= FOLD < FOLDS"),
+             (args.hold_out is None or args.hold_out[1] >= 2, "--hold_out needs at least 2 FOLDS"),
              (args.warmup_epochs >= 0, "--warmup_epochs must be 0 or more"),
              (args.plateau_patience > 0, "--plateau_patience must be positive"),
              (0 < args.plateau_factor < 1, "--plateau_factor must be in (0, 1)")]
@@ -292,9 +301,55 @@ def load_teachers(args, device):
                             f"{digests[-1][:12]}..., the run's was {saved[i][:12]}...): resuming "
                             "with other teachers would not continue the same run")
         model = checkpoint.build_model(ckpt, device, source=path).requires_grad_(False)
+        # Which faces it never saw (--hold_out): kept in its args, exports included.
+        model.hold_out = ckpt.get("args", {}).get("hold_out")
+        model.hold_out_faces = ckpt.get("args", {}).get("hold_out_faces")
         teachers.append(model.to(memory_format=torch.channels_last) if args.channels_last else model)
     args.teacher, args.teacher_sha256 = paths, digests
     return teachers
+
+
+def hold_out(splits, args, log):
+    """--hold_out FOLD FOLDS: drop that fold from the training split (dataset.fold_of). Returns
+    the kept faces' positions in the whole training split, or None when every face is kept."""
+    if not args.hold_out:
+        return None
+    fold, folds = args.hold_out
+    images, labels = splits["train"]
+    keep = np.flatnonzero(dataset.fold_of(len(labels), folds) != fold)
+    args.hold_out_faces = len(labels)  # the folds' split: a student checks its own against it
+    splits["train"] = images[keep], labels[keep]
+    log(f"holding out fold {fold} of {folds}: training on {len(keep)} of the {len(labels)} training faces")
+    return keep
+
+
+def teacher_weights(teachers, paths, faces, keep):
+    """(training faces, teachers) float weights of each face's soft target, rows summing to 1: a
+    teacher trained with --hold_out labels only the faces of its held-out fold, any other teacher
+    every face. None when no teacher held out a fold (the plain average). `faces`: the whole
+    training split's size; `keep`: the faces this run trains on (hold_out), None for all."""
+    if not any(t.hold_out for t in teachers):
+        return None
+    labels_face = []
+    for path, teacher in zip(paths, teachers):
+        if not teacher.hold_out:
+            labels_face.append(np.ones(faces, bool))
+            continue
+        fold, folds = teacher.hold_out
+        if teacher.hold_out_faces != faces:
+            raise UserError(f"teacher {path} held out fold {fold} of {folds} of a training split of "
+                            f"{teacher.hold_out_faces} faces, and this one has {faces}: its fold is "
+                            "known only on the data it was trained on")
+        labels_face.append(dataset.fold_of(faces, folds) == fold)
+    labels_face = np.stack(labels_face, 1)
+    orphans = int((~labels_face.any(1)).sum())
+    if orphans:
+        raise UserError(f"{orphans} of the {faces} training faces have no teacher: a teacher trained "
+                        "with --hold_out FOLD FOLDS labels only that fold, so together the teachers "
+                        "must hold out every fold (e.g. --hold_out 0 2 and --hold_out 1 2)")
+    if keep is not None:
+        labels_face = labels_face[keep]
+    return torch.from_numpy(labels_face / labels_face.sum(1, keepdims=True)).float()
 
 
 def make_optimizer(model, args):
@@ -308,7 +363,7 @@ def make_optimizer(model, args):
     return torch.optim.Adadelta(params, lr=args.lr)
 
 
-def training_parts(model, args, train_labels, device, teachers=(), world=1):
+def training_parts(model, args, train_labels, device, teachers=(), world=1, teacher_weights=None):
     """train.Parts: `model` on `device` in the flags' memory format, and what trains it as the
     flags ask (optimiser, loss, weight average, fp16 loss scaler, autocast dtype). run.main and
     tools/bench.py both call this."""
@@ -322,7 +377,8 @@ def training_parts(model, args, train_labels, device, teachers=(), world=1):
         torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing),
         ema=train.weight_average(model, args.ema_decay, args.ema_warmup) if args.ema_decay else None,
         scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
-        amp_dtype=amp_dtype, teachers=list(teachers), world=world)
+        amp_dtype=amp_dtype, teachers=list(teachers), world=world,
+        teacher_weights=None if teacher_weights is None else teacher_weights.to(device))
 
 
 def setup_distributed(device_name):
@@ -519,13 +575,16 @@ def prepare(args, resume, init, created):
     # Each split once (a split copies its faces); a missing one fails now, not after training.
     splits = {name: data.split(name) for name in ("train", "val", "test")}
     check_data(data, args, resume, teachers)
+    faces = len(splits["train"][1])  # the whole training split, before --hold_out
+    keep = hold_out(splits, args, log)
+    weights = teacher_weights(teachers, args.teacher, faces, keep)
     counts = class_counts(data)
     if resume is not None and resume.get("class_counts") not in (None, counts):
         raise UserError(f"{args.dataset} is not the data set this run was trained on (faces per split "
                         f"and class differ from those in {args.checkpoint}): resume with that file's -d")
     seed_everything(args.seed + rank)
     model, used_imagenet = initial_model(args, data, init, resume, log)
-    parts = training_parts(model, args, splits["train"][1], device, teachers, world)
+    parts = training_parts(model, args, splits["train"][1], device, teachers, world, weights)
     state = restore(parts, resume, rank, args.checkpoint) if resume is not None else checkpoint.TrainState()
     if args.amp and parts.amp_dtype is None:
         log(f"note: --amp needs CUDA or a CPU with bf16 support; training in fp32 on {device.type}")
@@ -742,7 +801,9 @@ def announce(run, resume, init):
     if parts.teachers:
         log(f"distilling from {len(parts.teachers)} teacher(s) (alpha {args.kd_alpha:g}, temperature "
             f"{args.kd_temperature:g}): " + ", ".join(
-                f"{os.path.basename(p)} (sha256 {h[:12]})" for p, h in zip(args.teacher, args.teacher_sha256)))
+                f"{os.path.basename(p)} (sha256 {h[:12]}"
+                + (f", held out fold {t.hold_out[0]} of {t.hold_out[1]}, labels only those faces)" if t.hold_out else ")")
+                for p, h, t in zip(args.teacher, args.teacher_sha256, parts.teachers)))
     if resume is not None:
         log(f"resuming {args.run_name} from {args.checkpoint} at step {run.state.step} "
             f"(epoch {run.state.step / len(run.batches):.2f})")

@@ -28,6 +28,7 @@ class Parts:
     scaler: object = None  # fp16 loss scaler, or None
     amp_dtype: torch.dtype = None  # autocast dtype, or None for fp32
     teachers: list = field(default_factory=list)  # eval-mode models to distil from
+    teacher_weights: torch.Tensor = None  # (training faces, teachers): which teachers label which face
     world: int = 1  # processes under torchrun
 
 
@@ -151,11 +152,14 @@ def ema_update_fn(decay, warmup=10):
     return update
 
 
-def teacher_probabilities(teachers, images, temperature):
+def teacher_probabilities(teachers, images, temperature, weights=None):
     """The teachers' softened class probabilities on the same (augmented) images, averaged: the
-    soft target of distillation. Teachers are in eval mode; no gradients flow into them."""
+    soft target of distillation. `weights` (images, teachers), rows summing to 1, average each
+    face over its own teachers instead (run.teacher_weights: those that never saw it). Teachers
+    are in eval mode; no gradients flow into them."""
     with torch.no_grad():
-        return torch.stack([F.softmax(t(images).float() / temperature, 1) for t in teachers]).mean(0)
+        probs = torch.stack([F.softmax(t(images).float() / temperature, 1) for t in teachers])
+        return probs.mean(0) if weights is None else torch.einsum("tbc,bt->bc", probs, weights)
 
 
 def distillation_loss(hard_loss, logits, soft_targets, alpha, temperature):
@@ -236,7 +240,7 @@ def train_steps(parts, batches, state, args, until, stop, show_progress=True):
     while state.step < until and not stopping:
         epoch, start = divmod(state.step, steps_per_epoch)
         stop_at = min(steps_per_epoch, start + until - state.step)
-        for batch, images, labels in batches.epoch(epoch, start, stop_at):
+        for batch, faces, images, labels in batches.epoch(epoch, start, stop_at):
             lr = args.lr * state.lr_factor * lr_factor(state.step, total_steps, warmup_steps,
                                                        args.scheduler)
             for group in optimizer.param_groups:
@@ -249,8 +253,10 @@ def train_steps(parts, batches, state, args, until, stop, show_progress=True):
                 x = x.contiguous(memory_format=torch.channels_last)
             with predict.autocast(batches.device, parts.amp_dtype):
                 logits = model(x)
-                soft_targets = (teacher_probabilities(parts.teachers, x, args.kd_temperature)
-                                if parts.teachers else None)
+                soft_targets = (teacher_probabilities(
+                    parts.teachers, x, args.kd_temperature,
+                    None if parts.teacher_weights is None else parts.teacher_weights[faces])
+                    if parts.teachers else None)
             loss = parts.loss_fn(logits.float(), labels)
             if args.mixup > 0:
                 loss = lam * loss + (1 - lam) * parts.loss_fn(logits.float(), partner_labels)

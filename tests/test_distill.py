@@ -10,6 +10,7 @@ import torch
 import dataset
 import run
 import synthetic
+import train
 import predict
 from utils import UserError, file_sha256
 
@@ -121,3 +122,92 @@ def test_the_distillation_loss_is_the_usual_one_at_alpha_0_and_zero_when_the_stu
     assert train.distillation_loss(hard, logits, same, 1.0, 4.0).abs() < 1e-6
     other = torch.softmax(torch.randn(8, 7), 1)
     assert train.distillation_loss(hard, logits, other, 1.0, 4.0) > 0.01
+
+
+def fold_teacher(source, destination, fold, folds, faces):
+    """A copy of the checkpoint `source` that says it was trained without fold `fold` of `folds`
+    of a training split of `faces` faces (what run.py --hold_out writes into its args)."""
+    ckpt = torch.load(source, weights_only=True)
+    ckpt["args"] = dict(ckpt.get("args", {}), hold_out=[fold, folds], hold_out_faces=faces)
+    torch.save(ckpt, destination)
+    return str(destination)
+
+
+def test_folds_are_fixed_balanced_and_cover_every_face():
+    folds = dataset.fold_of(1001, 3)
+    assert np.array_equal(folds, dataset.fold_of(1001, 3))  # no seed: every run draws the same
+    assert sorted(np.bincount(folds).tolist()) == [333, 334, 334]
+    assert not np.array_equal(folds, np.arange(1001) % 3)  # shuffled, not every third face
+
+
+def test_hold_out_trains_without_its_fold_and_keeps_it_on_resume(faces, tmp_path, capsys):
+    csv, _, _ = faces
+    kept = int((dataset.fold_of(1600, 3) != 1).sum())
+    assert run.main(run_args(csv, tmp_path, "--epoch_num", "1", "--hold_out", "1", "3")) == 0
+    out = capsys.readouterr().out
+    assert f"holding out fold 1 of 3: training on {kept} of the 1600 training faces" in out
+    assert f"{kept} training, 400 validation faces" in out
+    saved = json.loads((tmp_path / "out" / "r" / "args.json").read_text())
+    assert saved["hold_out"] == [1, 3] and saved["hold_out_faces"] == 1600
+    last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    assert run.main(["--checkpoint", str(last), "--epoch_num", "2", "-o", str(tmp_path / "out")]) == 0
+    assert f"training on {kept} of the 1600" in capsys.readouterr().out
+
+
+def test_each_face_gets_the_soft_targets_of_the_teachers_that_never_saw_it(faces, teacher, tmp_path):
+    class Constant(torch.nn.Module):  # a teacher that answers the same logits for every face
+        def __init__(self, logits, hold_out):
+            super().__init__()
+            self.logits, self.hold_out, self.hold_out_faces = torch.tensor(logits), hold_out, 10
+
+        def forward(self, x):
+            return self.logits.expand(len(x), -1)
+
+    first, second = Constant([3.0, 0, 0], [0, 2]), Constant([0, 3.0, 0], [1, 2])
+    everyone = Constant([0, 0, 3.0], None)
+    fold = dataset.fold_of(10, 2)
+    weights = run.teacher_weights([first, second], ["a", "b"], 10, None)
+    targets = train.teacher_probabilities([first, second], torch.zeros(10, 1, 4, 4), 1.0, weights)
+    assert np.array_equal(targets.argmax(1).numpy(), fold)  # fold 0's faces: the first teacher's answer
+    assert torch.allclose(targets[0], torch.softmax(torch.tensor([3.0, 0, 0] if fold[0] == 0 else [0, 3.0, 0]), 0))
+    # A teacher trained on every face labels every face, with the one that held out its fold.
+    weights = run.teacher_weights([first, everyone], ["a", "c"], 10, None)
+    assert torch.equal(weights.sum(1), torch.ones(10))
+    assert torch.equal(weights[:, 0] > 0, torch.from_numpy(fold == 0)) and (weights[:, 1] > 0).all()
+    keep = np.array([1, 4, 7])  # a student that itself holds out faces: rows of the faces it trains on
+    assert torch.equal(run.teacher_weights([first, second], ["a", "b"], 10, keep), run.teacher_weights(
+        [first, second], ["a", "b"], 10, None)[keep])
+    assert run.teacher_weights([everyone], ["c"], 10, None) is None  # no folds: the plain average
+    with pytest.raises(UserError, match="training faces have no teacher: a teacher trained with --hold_out"):
+        run.teacher_weights([first], ["a"], 10, None)
+    with pytest.raises(UserError, match="a training split of 10 faces, and this one has 12"):
+        run.teacher_weights([first, second], ["a", "b"], 12, None)
+
+
+def test_a_student_distils_from_teachers_that_held_out_its_folds(faces, teacher, tmp_path, capsys, monkeypatch):
+    csv, _, _ = faces
+    folds = [fold_teacher(teacher, tmp_path / f"fold{i}.pth", i, 2, 1600) for i in (0, 1)]
+    served, used = [], []  # each batch's faces, and the teacher weights its soft targets used
+    epoch, probabilities = dataset.Batches.epoch, train.teacher_probabilities
+    monkeypatch.setattr(dataset.Batches, "epoch", lambda self, *a: (
+        served.append(batch[1]) or batch for batch in epoch(self, *a)))
+    monkeypatch.setattr(train, "teacher_probabilities", lambda t, x, temperature, weights=None: (
+        used.append(weights), probabilities(t, x, temperature, weights))[1])
+    assert run.main(run_args(csv, tmp_path, "--epoch_num", "1", "--teacher", *folds)) == 0
+    fold_of_face = torch.from_numpy(dataset.fold_of(1600, 2))
+    assert len(used) == len(served) == 13  # 1,600 faces in batches of 128
+    for faces_, weights in zip(served, used):  # each face: the teacher of its own fold, alone
+        assert torch.equal(weights, torch.nn.functional.one_hot(fold_of_face[faces_], 2).float())
+    assert "fold0.pth (sha256 " in (out := capsys.readouterr().out)
+    assert "held out fold 0 of 2, labels only those faces)" in out and "held out fold 1 of 2" in out
+    # One fold's teacher alone leaves the other fold without soft targets: refused up front.
+    with pytest.raises(UserError, match="have no teacher"):
+        run.main(run_args(csv, tmp_path / "one", "--epoch_num", "1", "--teacher", folds[0]))
+    assert not (tmp_path / "one" / "ckpt").exists()
+
+
+@pytest.mark.parametrize("flags, text", [(["--hold_out", "2", "2"], "needs 0 <= FOLD < FOLDS"),
+                                         (["--hold_out", "0", "1"], "needs at least 2 FOLDS")])
+def test_impossible_folds_are_refused(flags, text):
+    with pytest.raises(UserError, match=text):
+        run.resolve_run(run.get_args_parser(), flags)

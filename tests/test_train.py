@@ -64,9 +64,14 @@ def final_weights(path):
 @pytest.mark.parametrize("batch, stopped_at, extra", [
     (2, 9, []), (1, 8, []),
     (2, 9, ["--teacher", os.path.join(ROOT, "pretrained", "fer2013_vgg2_0_2.pth")]),  # distillation
-    (2, 9, ["--mixup", "0.4", "--teacher", os.path.join(ROOT, "pretrained", "fer2013_vgg2_0_2.pth")])])
+    (2, 9, ["--mixup", "0.4", "--teacher", os.path.join(ROOT, "pretrained", "fer2013_vgg2_0_2.pth")]),
+    (2, 9, ["--teacher", "FOLD_TEACHERS"])])  # two teachers, each labelling the fold it held out
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_csv, tmp_path, monkeypatch,
                                                                  batch, stopped_at, extra):
+    if "FOLD_TEACHERS" in extra:
+        from test_distill import fold_teacher
+        shipped = os.path.join(ROOT, "pretrained", "fer2013_vgg2_0_2.pth")
+        extra = ["--teacher"] + [fold_teacher(shipped, tmp_path / f"fold{i}.pth", i, 2, 192) for i in (0, 1)]
     common = ["-m", "vgg2_0_2", "--epoch_num", "3", "--batch_size", "32",
               "--num_iter_to_validate", "4", "--seed", "3", *extra]
     straight = tmp_path / "straight"
