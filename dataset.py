@@ -80,8 +80,8 @@ class FerData:
 
 
 class Batches:
-    """Serves (uint8 images (B, 1, 48, 48), labels) batches of one split as index slices of a
-    per-epoch permutation, on `device`.
+    """Serves batches of one split, (the faces' indices in the split, uint8 images (B, 1, 48, 48),
+    labels), as index slices of a per-epoch permutation, on `device`.
 
     The whole split lives in one uint8 tensor, on the GPU when training there (it fits on any):
     no per-sample work, no worker processes. Under DistributedDataParallel each rank takes a
@@ -120,8 +120,18 @@ class Batches:
 def fold_of(n, folds):
     """The fold (0 .. folds - 1) of each of n training faces: a fixed shuffle, the same for every
     run and seed, so that a teacher trained without one fold (run.py --hold_out) and a student
-    distilled from it agree on which faces the teacher never saw."""
+    distilled from it agree on which faces the teacher never saw (folds_sha256 checks it)."""
     return np.random.default_rng(2026).permutation(n) % folds
+
+
+def folds_sha256(images, labels, folds):
+    """The fingerprint of a training split's faces, labels and their folds: the same for a
+    teacher and its student only if both split the same faces, in the same order, the same way
+    (numpy does not promise the same shuffle in every version)."""
+    digest = hashlib.sha256()
+    for array in (images, labels, fold_of(len(labels), folds)):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def resolve_path(path):

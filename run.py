@@ -303,52 +303,61 @@ def load_teachers(args, device):
         model = checkpoint.build_model(ckpt, device, source=path).requires_grad_(False)
         # Which faces it never saw (--hold_out): kept in its args, exports included.
         model.hold_out = ckpt.get("args", {}).get("hold_out")
-        model.hold_out_faces = ckpt.get("args", {}).get("hold_out_faces")
+        model.hold_out_sha256 = ckpt.get("args", {}).get("hold_out_sha256")
         teachers.append(model.to(memory_format=torch.channels_last) if args.channels_last else model)
     args.teacher, args.teacher_sha256 = paths, digests
     return teachers
 
 
-def hold_out(splits, args, log):
-    """--hold_out FOLD FOLDS: drop that fold from the training split (dataset.fold_of). Returns
-    the kept faces' positions in the whole training split, or None when every face is kept."""
+def hold_out(splits, args, class_names, log):
+    """--hold_out FOLD FOLDS: drop that fold from the training split (dataset.fold_of), and note
+    the split's fingerprint in args for the students of this run. Returns the kept faces'
+    positions in the whole training split, or None when every face is kept."""
     if not args.hold_out:
         return None
     fold, folds = args.hold_out
     images, labels = splits["train"]
     keep = np.flatnonzero(dataset.fold_of(len(labels), folds) != fold)
-    args.hold_out_faces = len(labels)  # the folds' split: a student checks its own against it
+    lost = sorted(set(labels.tolist()) - set(labels[keep].tolist()))
+    if lost:
+        raise UserError(f"--hold_out {fold} {folds} leaves no training face of the class(es) "
+                        f"{', '.join(class_names[c] for c in lost)}: use fewer folds, or more faces")
+    args.hold_out_sha256 = dataset.folds_sha256(images, labels, folds)
     splits["train"] = images[keep], labels[keep]
     log(f"holding out fold {fold} of {folds}: training on {len(keep)} of the {len(labels)} training faces")
     return keep
 
 
-def teacher_weights(teachers, paths, faces, keep):
+def teacher_weights(teachers, paths, train_split, keep):
     """(training faces, teachers) float weights of each face's soft target, rows summing to 1: a
     teacher trained with --hold_out labels only the faces of its held-out fold, any other teacher
-    every face. None when no teacher held out a fold (the plain average). `faces`: the whole
-    training split's size; `keep`: the faces this run trains on (hold_out), None for all."""
+    every face. None when no teacher held out a fold (the plain average). `train_split`: the
+    whole training split (images, labels); `keep`: the faces this run trains on (its own
+    --hold_out), None for all."""
     if not any(t.hold_out for t in teachers):
         return None
-    labels_face = []
+    images, labels = train_split
+    labels_face, fingerprints = [], {}
     for path, teacher in zip(paths, teachers):
         if not teacher.hold_out:
-            labels_face.append(np.ones(faces, bool))
+            labels_face.append(np.ones(len(labels), bool))
             continue
         fold, folds = teacher.hold_out
-        if teacher.hold_out_faces != faces:
-            raise UserError(f"teacher {path} held out fold {fold} of {folds} of a training split of "
-                            f"{teacher.hold_out_faces} faces, and this one has {faces}: its fold is "
-                            "known only on the data it was trained on")
-        labels_face.append(dataset.fold_of(faces, folds) == fold)
+        if folds not in fingerprints:
+            fingerprints[folds] = dataset.folds_sha256(images, labels, folds)
+        if teacher.hold_out_sha256 != fingerprints[folds]:
+            raise UserError(f"teacher {path} held out fold {fold} of {folds} of other training faces "
+                            "(other data, another order, or another numpy's shuffle): which faces it "
+                            "never saw is known only on the data it was trained on; distil on that -d")
+        labels_face.append(dataset.fold_of(len(labels), folds) == fold)
     labels_face = np.stack(labels_face, 1)
-    orphans = int((~labels_face.any(1)).sum())
-    if orphans:
-        raise UserError(f"{orphans} of the {faces} training faces have no teacher: a teacher trained "
-                        "with --hold_out FOLD FOLDS labels only that fold, so together the teachers "
-                        "must hold out every fold (e.g. --hold_out 0 2 and --hold_out 1 2)")
     if keep is not None:
         labels_face = labels_face[keep]
+    orphans = int((~labels_face.any(1)).sum())
+    if orphans:
+        raise UserError(f"{orphans} of the {len(labels_face)} training faces have no teacher: a teacher "
+                        "trained with --hold_out FOLD FOLDS labels only that fold, so together the "
+                        "teachers must hold out every fold (e.g. --hold_out 0 2 and --hold_out 1 2)")
     return torch.from_numpy(labels_face / labels_face.sum(1, keepdims=True)).float()
 
 
@@ -575,9 +584,9 @@ def prepare(args, resume, init, created):
     # Each split once (a split copies its faces); a missing one fails now, not after training.
     splits = {name: data.split(name) for name in ("train", "val", "test")}
     check_data(data, args, resume, teachers)
-    faces = len(splits["train"][1])  # the whole training split, before --hold_out
-    keep = hold_out(splits, args, log)
-    weights = teacher_weights(teachers, args.teacher, faces, keep)
+    whole_train = splits["train"]  # before --hold_out
+    keep = hold_out(splits, args, data.class_names, log)
+    weights = teacher_weights(teachers, args.teacher, whole_train, keep)
     counts = class_counts(data)
     if resume is not None and resume.get("class_counts") not in (None, counts):
         raise UserError(f"{args.dataset} is not the data set this run was trained on (faces per split "
@@ -633,7 +642,10 @@ def finished(args, resume, out_dir):
     trained = counts.get("Training", counts.get("train"))  # a CSV's split names, or a folder's
     if trained is None:
         return False
-    steps_per_epoch = math.ceil(sum(trained) / (args.batch_size * resume.get("world_size", 1)))
+    faces = sum(trained)
+    if args.hold_out:  # it trained on the faces outside its held-out fold
+        faces = int((dataset.fold_of(faces, args.hold_out[1]) != args.hold_out[0]).sum())
+    steps_per_epoch = math.ceil(faces / (args.batch_size * resume.get("world_size", 1)))
     if state.step >= args.epoch_num * steps_per_epoch:
         why, how = f"finished all its {args.epoch_num} epochs", "--epoch_num N (more than " + f"{args.epoch_num})"
     elif state.bad_validations >= args.patience:

@@ -159,7 +159,8 @@ def teacher_probabilities(teachers, images, temperature, weights=None):
     are in eval mode; no gradients flow into them."""
     with torch.no_grad():
         probs = torch.stack([F.softmax(t(images).float() / temperature, 1) for t in teachers])
-        return probs.mean(0) if weights is None else torch.einsum("tbc,bt->bc", probs, weights)
+        # A product and a sum, not einsum: autocast would run einsum in bf16 / fp16.
+        return probs.mean(0) if weights is None else (probs * weights.t()[:, :, None]).sum(0)
 
 
 def distillation_loss(hard_loss, logits, soft_targets, alpha, temperature):

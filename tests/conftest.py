@@ -65,3 +65,25 @@ def interrupt_annotate(monkeypatch):
             return real(image, faces, legend)
         monkeypatch.setattr(module, "annotate", annotate)
     return make
+
+
+@pytest.fixture
+def fold_teacher():
+    """fold_teacher(source, destination, fold, folds, csv): a copy of the checkpoint `source` that
+    says it was trained without fold `fold` of `folds` of the training faces of `csv` (what
+    run.py --hold_out writes into its args), its output biases shifted by the fold so that each
+    fold's teacher answers differently."""
+    import torch
+    import dataset
+
+    def make(source, destination, fold, folds, csv):
+        ckpt = torch.load(source, weights_only=True)
+        images, labels = dataset.load_fer2013(csv, log=lambda *a: None).split("train")
+        ckpt["args"] = dict(ckpt.get("args", {}), hold_out=[fold, folds],
+                            hold_out_sha256=dataset.folds_sha256(images, labels, folds))
+        for weights in (ckpt.get("model_state"), ckpt.get("ema_state")):
+            if weights:
+                weights["classifier.4.bias"] = weights["classifier.4.bias"] + fold
+        torch.save(ckpt, destination)
+        return str(destination)
+    return make

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+import checkpoint
 import dataset
 import run
 import synthetic
@@ -114,7 +115,6 @@ def test_impossible_distillation_settings_are_refused(flags, text):
 
 
 def test_the_distillation_loss_is_the_usual_one_at_alpha_0_and_zero_when_the_student_matches():
-    import train
     logits = torch.randn(8, 7)
     hard = torch.nn.functional.cross_entropy(logits, torch.arange(8) % 7)
     same = torch.softmax(logits / 4, 1)
@@ -123,14 +123,6 @@ def test_the_distillation_loss_is_the_usual_one_at_alpha_0_and_zero_when_the_stu
     other = torch.softmax(torch.randn(8, 7), 1)
     assert train.distillation_loss(hard, logits, other, 1.0, 4.0) > 0.01
 
-
-def fold_teacher(source, destination, fold, folds, faces):
-    """A copy of the checkpoint `source` that says it was trained without fold `fold` of `folds`
-    of a training split of `faces` faces (what run.py --hold_out writes into its args)."""
-    ckpt = torch.load(source, weights_only=True)
-    ckpt["args"] = dict(ckpt.get("args", {}), hold_out=[fold, folds], hold_out_faces=faces)
-    torch.save(ckpt, destination)
-    return str(destination)
 
 
 def test_folds_are_fixed_balanced_and_cover_every_face():
@@ -148,58 +140,78 @@ def test_hold_out_trains_without_its_fold_and_keeps_it_on_resume(faces, tmp_path
     assert f"holding out fold 1 of 3: training on {kept} of the 1600 training faces" in out
     assert f"{kept} training, 400 validation faces" in out
     saved = json.loads((tmp_path / "out" / "r" / "args.json").read_text())
-    assert saved["hold_out"] == [1, 3] and saved["hold_out_faces"] == 1600
+    images, labels = dataset.load_fer2013(csv, log=lambda *a: None).split("train")
+    assert saved["hold_out"] == [1, 3] and saved["hold_out_sha256"] == dataset.folds_sha256(images, labels, 3)
     last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
     assert run.main(["--checkpoint", str(last), "--epoch_num", "2", "-o", str(tmp_path / "out")]) == 0
     assert f"training on {kept} of the 1600" in capsys.readouterr().out
 
 
-def test_each_face_gets_the_soft_targets_of_the_teachers_that_never_saw_it(faces, teacher, tmp_path):
-    class Constant(torch.nn.Module):  # a teacher that answers the same logits for every face
-        def __init__(self, logits, hold_out):
-            super().__init__()
-            self.logits, self.hold_out, self.hold_out_faces = torch.tensor(logits), hold_out, 10
+def test_a_fold_that_takes_a_whole_class_away_is_refused():
+    images, labels = np.zeros((6, 48, 48), np.uint8), np.array([0, 0, 0, 1, 1, 2])
+    fold = int(dataset.fold_of(6, 2)[5])  # the fold of the only face of class 2
+    args = run.get_args_parser().parse_args(["--hold_out", str(fold), "2"])
+    with pytest.raises(UserError, match="leaves no training face of the class.es. Fear: use fewer folds"):
+        run.hold_out({"train": (images, labels)}, args, ["Angry", "Disgust", "Fear"], print)
 
-        def forward(self, x):
-            return self.logits.expand(len(x), -1)
 
-    first, second = Constant([3.0, 0, 0], [0, 2]), Constant([0, 3.0, 0], [1, 2])
-    everyone = Constant([0, 0, 3.0], None)
+class Constant(torch.nn.Module):
+    """A teacher that answers the same logits for every face, trained without fold `hold_out`."""
+    def __init__(self, logits, hold_out=None, fingerprint=None):
+        super().__init__()
+        self.logits, self.hold_out, self.hold_out_sha256 = torch.tensor(logits), hold_out, fingerprint
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1)
+
+
+def test_each_face_gets_the_soft_targets_of_the_teachers_that_never_saw_it():
+    split = np.arange(10 * 4, dtype=np.uint8).reshape(10, 2, 2), np.arange(10) % 3
+    fingerprint = dataset.folds_sha256(*split, 2)
+    first, second = Constant([3.0, 0, 0], [0, 2], fingerprint), Constant([0, 3.0, 0], [1, 2], fingerprint)
+    everyone = Constant([0, 0, 3.0])
     fold = dataset.fold_of(10, 2)
-    weights = run.teacher_weights([first, second], ["a", "b"], 10, None)
+    weights = run.teacher_weights([first, second], ["a", "b"], split, None)
     targets = train.teacher_probabilities([first, second], torch.zeros(10, 1, 4, 4), 1.0, weights)
     assert np.array_equal(targets.argmax(1).numpy(), fold)  # fold 0's faces: the first teacher's answer
     assert torch.allclose(targets[0], torch.softmax(torch.tensor([3.0, 0, 0] if fold[0] == 0 else [0, 3.0, 0]), 0))
+    with torch.autocast("cpu", torch.bfloat16):  # as under --amp: the soft targets stay float32
+        assert train.teacher_probabilities([first, second], torch.zeros(10, 1, 4, 4), 1.0, weights).dtype == torch.float32
     # A teacher trained on every face labels every face, with the one that held out its fold.
-    weights = run.teacher_weights([first, everyone], ["a", "c"], 10, None)
+    weights = run.teacher_weights([first, everyone], ["a", "c"], split, None)
     assert torch.equal(weights.sum(1), torch.ones(10))
     assert torch.equal(weights[:, 0] > 0, torch.from_numpy(fold == 0)) and (weights[:, 1] > 0).all()
-    keep = np.array([1, 4, 7])  # a student that itself holds out faces: rows of the faces it trains on
-    assert torch.equal(run.teacher_weights([first, second], ["a", "b"], 10, keep), run.teacher_weights(
-        [first, second], ["a", "b"], 10, None)[keep])
-    assert run.teacher_weights([everyone], ["c"], 10, None) is None  # no folds: the plain average
+    assert run.teacher_weights([everyone], ["c"], split, None) is None  # no folds: the plain average
     with pytest.raises(UserError, match="training faces have no teacher: a teacher trained with --hold_out"):
-        run.teacher_weights([first], ["a"], 10, None)
-    with pytest.raises(UserError, match="a training split of 10 faces, and this one has 12"):
-        run.teacher_weights([first, second], ["a", "b"], 12, None)
+        run.teacher_weights([first], ["a"], split, None)
+    # A student that itself holds out fold 1 trains on fold 0 only: its teacher is enough.
+    keep = np.flatnonzero(fold == 0)
+    assert torch.equal(run.teacher_weights([first], ["a"], split, keep), torch.ones(len(keep), 1))
+    relabelled = split[0], (split[1] + 1) % 3  # the same faces with other labels: other data
+    with pytest.raises(UserError, match="held out fold 0 of 2 of other training faces"):
+        run.teacher_weights([first, second], ["a", "b"], relabelled, None)
 
 
-def test_a_student_distils_from_teachers_that_held_out_its_folds(faces, teacher, tmp_path, capsys, monkeypatch):
+def test_a_student_distils_from_teachers_that_held_out_its_folds(faces, teacher, fold_teacher, tmp_path,
+                                                                 capsys, monkeypatch):
     csv, _, _ = faces
-    folds = [fold_teacher(teacher, tmp_path / f"fold{i}.pth", i, 2, 1600) for i in (0, 1)]
+    # The student holds out fold 0 of 3 and learns from the teachers of folds 1 and 2 (one exported).
+    exported = checkpoint.export(fold_teacher(teacher, tmp_path / "fold2_train.pth", 2, 3, csv),
+                                 str(tmp_path / "fold2.pth"))
+    folds = [fold_teacher(teacher, tmp_path / "fold1.pth", 1, 3, csv), exported]
     served, used = [], []  # each batch's faces, and the teacher weights its soft targets used
     epoch, probabilities = dataset.Batches.epoch, train.teacher_probabilities
     monkeypatch.setattr(dataset.Batches, "epoch", lambda self, *a: (
         served.append(batch[1]) or batch for batch in epoch(self, *a)))
     monkeypatch.setattr(train, "teacher_probabilities", lambda t, x, temperature, weights=None: (
         used.append(weights), probabilities(t, x, temperature, weights))[1])
-    assert run.main(run_args(csv, tmp_path, "--epoch_num", "1", "--teacher", *folds)) == 0
-    fold_of_face = torch.from_numpy(dataset.fold_of(1600, 2))
-    assert len(used) == len(served) == 13  # 1,600 faces in batches of 128
+    assert run.main(run_args(csv, tmp_path, "--epoch_num", "1", "--hold_out", "0", "3", "--teacher", *folds)) == 0
+    assert "fold1.pth (sha256 " in (out := capsys.readouterr().out)
+    assert "held out fold 1 of 3, labels only those faces)" in out and "held out fold 2 of 3" in out
+    kept_folds = torch.from_numpy(dataset.fold_of(1600, 3)[dataset.fold_of(1600, 3) != 0])
+    assert len(used) == len(served) == 9  # 1,067 faces in batches of 128
     for faces_, weights in zip(served, used):  # each face: the teacher of its own fold, alone
-        assert torch.equal(weights, torch.nn.functional.one_hot(fold_of_face[faces_], 2).float())
-    assert "fold0.pth (sha256 " in (out := capsys.readouterr().out)
-    assert "held out fold 0 of 2, labels only those faces)" in out and "held out fold 1 of 2" in out
+        assert torch.equal(weights, torch.nn.functional.one_hot(kept_folds[faces_] - 1, 2).float())
     # One fold's teacher alone leaves the other fold without soft targets: refused up front.
     with pytest.raises(UserError, match="have no teacher"):
         run.main(run_args(csv, tmp_path / "one", "--epoch_num", "1", "--teacher", folds[0]))

@@ -65,13 +65,12 @@ def final_weights(path):
     (2, 9, []), (1, 8, []),
     (2, 9, ["--teacher", os.path.join(ROOT, "pretrained", "fer2013_vgg2_0_2.pth")]),  # distillation
     (2, 9, ["--mixup", "0.4", "--teacher", os.path.join(ROOT, "pretrained", "fer2013_vgg2_0_2.pth")]),
-    (2, 9, ["--teacher", "FOLD_TEACHERS"])])  # two teachers, each labelling the fold it held out
-def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_csv, tmp_path, monkeypatch,
+    (2, 9, ["--teacher", "fold0.pth", "fold1.pth"])])  # made below: each labels the fold it held out
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_csv, tmp_path, monkeypatch, fold_teacher,
                                                                  batch, stopped_at, extra):
-    if "FOLD_TEACHERS" in extra:
-        from test_distill import fold_teacher
-        shipped = os.path.join(ROOT, "pretrained", "fer2013_vgg2_0_2.pth")
-        extra = ["--teacher"] + [fold_teacher(shipped, tmp_path / f"fold{i}.pth", i, 2, 192) for i in (0, 1)]
+    shipped = os.path.join(ROOT, "pretrained", "fer2013_vgg2_0_2.pth")
+    extra = [fold_teacher(shipped, tmp_path / name, int(name[4]), 2, tiny_csv) if name.startswith("fold")
+             else name for name in extra]
     common = ["-m", "vgg2_0_2", "--epoch_num", "3", "--batch_size", "32",
               "--num_iter_to_validate", "4", "--seed", "3", *extra]
     straight = tmp_path / "straight"
@@ -426,8 +425,9 @@ def test_the_download_message_says_how_to_skip_it(tmp_path, monkeypatch, capsys)
     assert not used and "downloading the VGG11-BN ImageNet weights" in err and "--pretrained no" in err
 
 
-def test_resuming_a_finished_run_says_how_to_go_on_and_tests_nothing_again(tiny_csv, tmp_path, capsys):
-    assert run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "1")) == 0
+@pytest.mark.parametrize("extra", [[], ["--hold_out", "0", "2"]])  # a hold-out run trains on fewer faces
+def test_resuming_a_finished_run_says_how_to_go_on_and_tests_nothing_again(tiny_csv, tmp_path, capsys, extra):
+    assert run.main(run_args(tiny_csv, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "1", *extra)) == 0
     report_before = (tmp_path / "out" / "r" / "test" / "metrics.json").stat().st_mtime_ns
     capsys.readouterr()
     last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
