@@ -317,9 +317,23 @@ def amp_dtype_for(device):
     import torch
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.type == "cpu" and cpu_computes_bf16():
         return torch.bfloat16
     return None
+
+
+def cpu_computes_bf16():
+    """Whether this CPU computes bf16 natively. oneDNN's own check also says yes on x86 CPUs with
+    plain AVX512, where it emulates bf16: on a 2-core Intel Xeon without AVX512-BF16 or AMX,
+    training under bf16 autocast ran 4x slower than fp32 (tools/bench.py, README "Speed"), so
+    on x86 this asks for AVX512-BF16 or AMX; other CPUs keep oneDNN's answer."""
+    import platform
+    import torch
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    if platform.machine().lower() in ("x86_64", "amd64", "x86", "i686"):
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return True
 
 
 def autocast_dtype(amp, device):

@@ -1,4 +1,4 @@
-"""Process-level helpers: memory reuse for large tensors."""
+"""Process-level helpers: memory reuse for large tensors, the CPU's bf16 check."""
 import json
 import os
 import subprocess
@@ -42,3 +42,25 @@ def test_reuse_freed_memory_stops_large_tensors_faulting_in_again():
     # has grown to fit, the rounds reuse memory already touched: far fewer faults, whatever the
     # page size.
     assert reused * 10 < fresh, (plain, reuse)
+
+
+@pytest.mark.parametrize("machine, avx512_bf16, amx, native", [
+    ("x86_64", False, False, False),  # plain AVX512: oneDNN emulates bf16, 4x slower than fp32
+    ("x86_64", True, False, True),
+    ("x86_64", False, True, True),
+    ("aarch64", False, False, True),  # elsewhere oneDNN's answer stands
+])
+def test_amp_picks_bf16_only_where_the_cpu_computes_it(monkeypatch, machine, avx512_bf16, amx, native):
+    import platform
+    import torch
+    import utils
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert utils.amp_dtype_for(cpu) == (torch.bfloat16 if native else None)
+    assert utils.autocast_dtype(None, cpu) == (torch.bfloat16 if native else None)  # the default
+    assert utils.autocast_dtype(False, cpu) is None
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert utils.amp_dtype_for(cpu) is None
