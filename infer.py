@@ -235,7 +235,7 @@ def main(argv=None):
     print(f"loaded {report.describe(models)}: {', '.join(m.name for m in models)} on {args.device.type}"
           + precision + (", ONNX through onnxruntime on the CPU (fp32)" if any(onnx) else ""))
     if args.amp and amp_dtype is None:
-        print(f"note: --amp needs CUDA or a CPU with bf16 support; computing in fp32 on {args.device.type}")
+        print(f"note: --amp needs CUDA or a CPU that computes bf16 natively (AVX512-BF16 or AMX); computing in fp32 on {args.device.type}")
     with predict.autocast(args.device, amp_dtype):
         if not media or args.dataset is not None:
             report_split(models, args, paths, out_dir, explaining)

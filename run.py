@@ -596,7 +596,7 @@ def prepare(args, resume, init, created):
     parts = training_parts(model, args, splits["train"][1], device, teachers, world, weights)
     state = restore(parts, resume, rank, args.checkpoint) if resume is not None else checkpoint.TrainState()
     if args.amp and parts.amp_dtype is None:
-        log(f"note: --amp needs CUDA or a CPU with bf16 support; training in fp32 on {device.type}")
+        log(f"note: --amp needs CUDA or a CPU that computes bf16 natively (AVX512-BF16 or AMX); training in fp32 on {device.type}")
     parts.model = wrap_model(parts.model, args, device, world)
     batches = dataset.Batches(*splits["train"], args.batch_size, device, args.seed, rank=rank, world=world)
     val_batches = dataset.Batches(*splits["val"], eval_batch_size(args.eval_batch_size, device),
