@@ -1,5 +1,5 @@
 """tools/runs_chart.py: a run's checkpoint gives its history JSON and a line; committed history
-JSONs redraw the chart unchanged; a file without a history is refused before anything is written."""
+JSONs redraw the chart unchanged; each run is named in the legend; a file without a history is refused before anything is written."""
 import json
 
 import pytest
@@ -49,3 +49,12 @@ def test_a_json_without_history_is_refused_before_writing(finished_run, tmp_path
     assert exit_.value.code == 2
     assert "holds no validation history" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # not even the run's history JSON
+
+
+def test_runs_of_one_model_get_their_own_legend_entries():
+    control = {"run_name": "conv5_e30", "model": "vgg2_4_2_conv5", "epochs_planned": 30, "seed": 1}
+    distilled = dict(control, run_name="conv5_kd_a05_e30", teachers=["a.pth", "b.pth"])
+    assert runs_chart.run_label(control) == "conv5_e30 (vgg2_4_2_conv5, 30 epochs planned, seed 1)"
+    assert runs_chart.run_label(distilled) == ("conv5_kd_a05_e30 (vgg2_4_2_conv5, 30 epochs planned, "
+                                               "seed 1, distilled from 2)")
+    assert runs_chart.run_label({"model": "vgg2_0_2", "epochs_planned": 6}) == "vgg2_0_2 (6 epochs planned)"

@@ -50,6 +50,19 @@ def read_history_json(path):
     return description
 
 
+def run_label(run):
+    """The legend entry: the run's name first, since runs of one model differ by more than the
+    model (a teacher, alpha, mixup: the names say which), then what the history records."""
+    details = [f"{run.get('epochs_planned', '?')} epochs planned"]
+    if run.get("seed"):
+        details.append(f"seed {run['seed']}")
+    if run.get("teachers"):
+        details.append(f"distilled from {len(run['teachers'])}")
+    if run.get("run_name"):
+        return f"{run['run_name']} ({run.get('model', '?')}, {', '.join(details)})"
+    return f"{run.get('model', '?')} ({', '.join(details)})"
+
+
 def main(argv):
     parser = Parser(prog="runs_chart.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="checkpoints (*_last.pth), run folders or history JSON files")
@@ -63,22 +76,23 @@ def main(argv):
             save_json(description, os.path.join(os.path.dirname(args.output) or ".",
                                                 f"{description['run_name']}_history.json"))
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(8, 5))
+    fig = Figure(figsize=(9, 6))
     ax = fig.subplots()
+    raw_drawn = False
     for run, _ in runs:
         history = run["history"]
         epochs = [h["epoch"] for h in history]
-        label = (f"{run.get('model', '?')} ({run.get('epochs_planned', '?')} epochs planned"
-                 + (f", seed {run['seed']}" if run.get("seed") else "")
-                 + (f", distilled from {len(run['teachers'])}" if run.get("teachers") else "") + ")")
-        line, = ax.plot(epochs, [100 * h["val_acc"] for h in history], label=label)
+        line, = ax.plot(epochs, [100 * h["val_acc"] for h in history], label=run_label(run))
         if any("val_acc_raw" in h for h in history):
             ax.plot(epochs, [100 * h.get("val_acc_raw", float("nan")) for h in history], "--",
-                    color=line.get_color(), alpha=0.6, label=f"{label}, raw weights")
+                    color=line.get_color(), alpha=0.6, linewidth=0.8)
+            raw_drawn = True
+    if raw_drawn:  # one legend entry for all the dashed lines
+        ax.plot([], [], "--", color="grey", linewidth=0.8, label="dashed: the same run's raw weights (no average)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("PublicTest accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small", loc="lower right")  # the curves rise above 60% within 5 epochs
     fig.tight_layout()
     save_figure(fig, args.output)
     print(f"wrote {args.output}")
