@@ -43,7 +43,7 @@ from faces import (EMOTION_COLOURS, FACE_MARGIN, Skipped, annotate, crop_face, r
                    write_image)
 from onnx_model import OnnxModel  # noqa: E402
 from photos import photo_rows, unique_name, write_faces_table  # noqa: E402
-from predict import DEFAULT_CHECKPOINT, detect_emotions, load_models, predict  # noqa: E402
+from predict import DEFAULT_CHECKPOINT, detect_emotions, load_models, predict, require_emotions  # noqa: E402
 from utils import EMOTIONS, Parser, flag, run_cli, select_device  # noqa: E402
 from video import classify_video  # noqa: E402
 
@@ -398,6 +398,7 @@ def main(argv=None):
               file=sys.stderr)
     device = select_device(args.device)
     models = load_models(args.checkpoint, device)
+    require_emotions(models, "the page's photos and videos")
     if device.type == "cpu":  # 1-3 faces per call: a second thread only waits (README "Video")
         torch.set_num_threads(1)
     model = (f"{', '.join(os.path.basename(p) for p in args.checkpoint)} "

@@ -217,9 +217,8 @@ def main(argv=None):
     args.device = select_device(args.device)
     models = predict.load_models(paths, args.device)
     media = args.images is not None or args.video is not None
-    if media and predict.model_classes(models) != EMOTIONS:  # (-d DIR evaluates a model of other classes)
-        raise UserError("--images and --video need a model of FER2013's seven classes; this one has "
-                        + ", ".join(predict.model_classes(models)))
+    if media:  # (-d DIR evaluates a model of other classes)
+        predict.require_emotions(models, "--images and --video")
     if explaining:
         for model in models:
             explain.cam_layer(model)  # fail before the work when a model cannot be explained

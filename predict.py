@@ -60,6 +60,14 @@ def model_classes(models):
     return names[0] if names else EMOTIONS
 
 
+def require_emotions(models, what):
+    """A UserError unless the models have FER2013's seven classes: photos, videos and the page
+    name, colour and chart faces by those seven (a folder-trained model is for `infer.py -d`)."""
+    if model_classes(models) != EMOTIONS:
+        raise UserError(f"{what} need a model of FER2013's seven classes; this one has "
+                        + ", ".join(model_classes(models)))
+
+
 def tta_views(x, tta="none"):
     """The views of a float batch (B, 1, 48, 48) that `tta` averages over, as {name: batch}.
 

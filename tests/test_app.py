@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 pytest.importorskip("gradio", reason="the web page needs Gradio: pip install -r requirements-app.txt")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -317,6 +318,23 @@ def test_host_beyond_loopback_warns(monkeypatch, capsys, tmp_path):
     assert "warning" not in capsys.readouterr().err and served[1][2:4] == ("127.0.0.1", 7860)
     with pytest.raises(SystemExit):
         app.main(["--port", "0"])
+
+
+def test_a_model_of_other_classes_is_refused_before_the_page_opens(monkeypatch, capsys, tmp_path):
+    import checkpoint
+    import utils
+    from models import FerNet
+    names = ["Happy", "Sad", "contempt"]  # a folder-trained model: its faces cannot be named by our seven
+    path = tmp_path / "three.pth"
+    torch.save({"format_version": checkpoint.FORMAT, "model_name": "vgg2_0_2", "class_names": names,
+                "model_state": FerNet("vgg2_0_2", class_names=names).state_dict()}, path)
+    monkeypatch.setattr(app, "serve", lambda *args, **kwargs: pytest.fail("the page was served"))
+    with pytest.raises(SystemExit) as exit_:
+        utils.run_cli(app.main, ["-c", str(path), "--device", "cpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "the page's photos and videos need a model of FER2013's seven classes" in err
+    assert "Happy, Sad, contempt" in err and "Traceback" not in err
 
 
 def test_command_line_serves_then_removes_its_folder(astronaut_jpg, tmp_path):
