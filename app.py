@@ -211,8 +211,11 @@ def video(page, path):
         message += "no face found in any frame."
     if summary["stopped_early"]:
         message += f" The file {summary['stopped_early']}."
-    return (browser_copy(files["annotated.mp4"]), files["timeline.png"],
-            table(TRACK_COLUMNS, tracks), files["frames.csv"], files["annotated.mp4"], message)
+    annotated = files.get("annotated.mp4")  # absent when no MP4 could be written (video.open_writer)
+    if annotated is None:
+        message += " No annotated video could be written; the table and timeline are complete."
+    return (annotated and browser_copy(annotated), files["timeline.png"],
+            table(TRACK_COLUMNS, tracks), files["frames.csv"], annotated, message)
 
 
 def browser_copy(path):

@@ -181,6 +181,18 @@ def test_video_without_faces_says_so(client, tmp_path):
     assert set(pd.read_csv(got["frames"])["emotion"]) == {"no face"}
 
 
+def test_video_without_an_annotated_mp4_still_gives_its_table(models, monkeypatch, tmp_path):
+    monkeypatch.setattr(video, "open_writer", lambda *args: None)  # as when OpenCV has no MP4 encoder
+    path = tmp_path / "interview.mp4"
+    make_clip(path, 8, 1, (320, 240), 10.0, (3, 3))
+    page = app.Page(models, "cpu", str(tmp_path / "page"))
+    os.makedirs(page.folder)
+    shown, timeline, tracks, frames, mp4, message = app.video(page, str(path))
+    assert shown is None and mp4 is None and "No annotated video could be written" in message
+    assert "8 frames analysed" in message and len(tracks.data) == 1
+    assert len(pd.read_csv(frames)) == 8 and cv2.imread(timeline) is not None
+
+
 # ----------------------------------------------------------------------------- bad input, load, safety
 
 def test_bad_files_get_a_message_and_the_server_keeps_serving(client, astronaut_jpg, tmp_path):
