@@ -69,7 +69,8 @@ def get_args_parser():
     g = p.add_argument_group("split report")
     flag(g, "-d", "--dataset", type=path_arg, default=None,
          help="FER2013-layout CSV, 'synthetic', or a folder of face images, DIR/[<split>/]<class>/* "
-              f"(default: the checkpoint's data set, else {DEFAULT_CSV}; none with --images or --video)")
+              f"(default: the checkpoint's data set, else {DEFAULT_CSV}; none with --images or --video, "
+              "and given with them, its report goes into <output>/report)")
     flag(g, "--split", choices=(*SPLITS, "all"), default="test",
          help="train, val or test (Training, PublicTest, PrivateTest; a folder's own, or held out "
               "of it), or all: every face, for a data set the model was not trained on (default: test)")
@@ -224,8 +225,8 @@ def main(argv=None):
             explain.cam_layer(model)  # fail before the work when a model cannot be explained
     kind = ("photos" if args.images else "video") if media else "report"
     out_dir = args.output or default_output_dir(paths, kind, args.split)
-    if media and not args.output:
-        out_dir = new_folder(out_dir)  # its own folder, even beside a call started the same second
+    if media:  # its own folder, even beside a call started the same second; -o: an empty one is taken
+        out_dir = new_folder(os.path.normpath(out_dir), empty_is_new=bool(args.output))
     # A split report makes its own new folder (report.report); photos and videos write into out_dir.
     check_writable(out_dir if media else os.path.dirname(os.path.abspath(out_dir)))
     amp_dtype = autocast_dtype(args.amp, args.device)
@@ -236,8 +237,8 @@ def main(argv=None):
     if args.amp and amp_dtype is None:
         print(f"note: --amp needs CUDA or a CPU that computes bf16 natively (AVX512-BF16 or AMX); computing in fp32 on {args.device.type}")
     with predict.autocast(args.device, amp_dtype):
-        if not media or args.dataset is not None:
-            report_split(models, args, paths, out_dir, explaining)
+        if not media or args.dataset is not None:  # beside photos or videos: in its own subfolder
+            report_split(models, args, paths, os.path.join(out_dir, "report") if media else out_dir, explaining)
         if args.images is not None:
             classify_photos(models, args, out_dir, explaining)
         if args.video is not None:

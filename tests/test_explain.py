@@ -225,6 +225,22 @@ def test_explain_class_and_an_ensemble_on_photos(ckpts, tmp_path, capsys):
     np.testing.assert_array_equal(written, explain.overlay(images[1], expected))
 
 
+def test_a_split_report_beside_photos_keeps_its_own_folder_and_grid(ckpts, tmp_path, capsys):
+    csv = synthetic.write_synthetic_csv(tmp_path / "faces.csv", 14, 7, 12, seed=5)
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for i, image in enumerate(synthetic.make_faces(np.array([3, 4]), np.random.default_rng(2))):
+        cv2.imwrite(str(folder / f"face{i}.png"), image)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["-c", ckpts[0], "-d", csv, "--images", str(folder), "--no-detect", "-o", str(out),
+                                 "--num_save", "4", "--explain", "--device", "cpu"], capsys)
+    assert code == 0, err
+    grids = {cv2.imread(str(path)).shape for path in (out / "explain_grid.png", out / "report" / "explain_grid.png")}
+    assert len(grids) == 2  # two grids: the photos' two faces and the split's four
+    assert (out / "report" / "metrics.json").exists() and len(os.listdir(out / "report" / "faces")) == 8
+    assert (out / "faces.csv").exists() and not (out / "metrics.json").exists()
+
+
 def test_unknown_explain_class_suggests_the_closest(ckpts, capsys):
     code, _, err = run_cli(["-c", ckpts[0], "--images", "x.jpg", "--explain_class", "Suprise"], capsys)
     assert code == 2 and "did you mean Surprise?" in err and len(err.strip().splitlines()) == 1

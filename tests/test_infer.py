@@ -445,6 +445,22 @@ def test_earlier_results_inside_a_searched_folder_are_not_taken_for_photos(ckpts
     assert f"{folder / 'out1'} holds the results of an earlier call" in err
 
 
+def test_an_output_folder_used_again_keeps_the_earlier_results(ckpts, split, tmp_path, capsys):
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"face{i}.png"), split[0][i])
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder made for the results is used as it is
+    for k, images in enumerate(([folder / "face0.png", folder / "face1.png"], [folder / "face2.png"])):
+        code, stdout, err = run_cli(["-c", ckpts["a"], "--images", *map(str, images), "--no-detect",
+                                     "-o", str(out) + os.sep, "--device", "cpu"], capsys)
+        assert code == 0, err
+        assert f"annotated copies to {out}{'_2' if k else ''}\n" in stdout
+    assert len(pd.read_csv(out / "faces.csv")) == 2 and len(pd.read_csv(tmp_path / "out_2" / "faces.csv")) == 1
+    assert sorted(os.listdir(out / "annotated")) == ["face0.png", "face1.png"]
+
+
 def test_huge_image_is_refused_from_its_header(ckpts, astronaut_jpg, tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
