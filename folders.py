@@ -31,7 +31,7 @@ import numpy as np
 
 import dataset
 import faces
-from utils import EMOTIONS, MAX_CLASS_NAME, SIDE, SPLITS, UserError, atomic_write
+from utils import EMOTIONS, MAX_CLASS_NAME, SIDE, SPLITS, UserError, atomic_write, printable
 
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "publictest": "val", "test": "test", "testing": "test",
@@ -54,12 +54,6 @@ OUTSIDE = "not inside a class folder"
 SHOWN = 3  # files named in a message; the others are counted
 
 
-def shown(path):
-    """A path as it can be printed: bytes that are not UTF-8 (file names may be in any encoding)
-    become \\x.. escapes instead of an error at print time."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def _hidden(name):
     return name.startswith(".") or name == "__MACOSX"  # .DS_Store, ._* and macOS zip leftovers
 
@@ -71,7 +65,7 @@ def _entries(folder, root, skipped):
             found = [(e.name, e.is_dir()) for e in it if not _hidden(e.name)]
     except OSError as err:
         if folder == root:
-            raise UserError(f"cannot read the folder {shown(root)}: {err.strerror or err}") from err
+            raise UserError(f"cannot read the folder {printable(root)}: {err.strerror or err}") from err
         skipped.append((os.path.relpath(folder, root), f"is a folder that cannot be read ({err.strerror})"))
         return [], []
     return sorted(n for n, d in found if d), sorted(n for n, d in found if not d)
@@ -110,8 +104,8 @@ def scan(root):
     for name in dirs:
         key = SPLIT_FOLDERS.get(name.lower())
         if key in splits:
-            raise UserError(f"{shown(root)} has two folders for the {key} split, {shown(splits[key])} "
-                            f"and {shown(name)}: merge them or remove one")
+            raise UserError(f"{printable(root)} has two folders for the {key} split, {printable(splits[key])} "
+                            f"and {printable(name)}: merge them or remove one")
         if key:
             splits[key] = name
     if splits:  # (in the other layout the loop below finds the loose files)
@@ -235,7 +229,7 @@ def cache_path(root, files, how):
         except OSError:
             stamp = "unreadable"
         key.update(os.fsencode(path) + b"\0" + stamp.encode() + b"\n")
-    name = re.sub(r"[^\w.-]", "_", shown(os.path.basename(os.path.abspath(root))))[:40]
+    name = re.sub(r"[^\w.-]", "_", printable(os.path.basename(os.path.abspath(root))))[:40]
     return os.path.join(dataset.default_cache_dir(), f"{name}-folder-{key.hexdigest()[:16]}.npz")
 
 
@@ -245,7 +239,7 @@ def load_faces(root, files, how, log):
     arrays = dataset.read_cache(cached, log)
     if arrays is not None:
         return arrays
-    log(f"decoding {len(files):,} images of {shown(root)} (once: the faces are cached in {cached})")
+    log(f"decoding {len(files):,} images of {printable(root)} (once: the faces are cached in {cached})")
     started = time.perf_counter()
     arrays = decode(root, files, how)
     # Hashing the pixels takes longer than reading them from the cache: once, kept with them.
@@ -273,7 +267,7 @@ def describe_left_out(skipped, total):
     why = Counter(re.sub(r"^is (an? )?", "", reason) for _, reason in skipped)
     groups = "; ".join(f"{n} {reason}" for reason, n in why.most_common(4))
     more = f"; {len(why) - 4} other reasons" if len(why) > 4 else ""
-    named = ", ".join(shown(path) for path, _ in skipped[:SHOWN])
+    named = ", ".join(printable(path) for path, _ in skipped[:SHOWN])
     return (f"left out {len(skipped):,} of {total:,} files ({groups}{more}), e.g. {named}; all are "
             f"listed in {LEFT_OUT_FILE} in the output folder")
 
@@ -281,13 +275,13 @@ def describe_left_out(skipped, total):
 def describe_layout(root, splits, usage):
     """What the folder's layout is and where each split comes from, in one line."""
     if not splits:
-        return (f"{shown(root)}: class folders, no split folders: split 80/10/10 per class "
+        return (f"{printable(root)}: class folders, no split folders: split 80/10/10 per class "
                 "(stratified and seeded: the same split every time)")
-    found = ", ".join(f"{shown(name)}/ ({key})" for key, name in splits.items())
+    found = ", ".join(f"{printable(name)}/ ({key})" for key, name in splits.items())
     made = [key for key in ("val", "test") if key not in splits and (usage == SPLIT_CODES[key]).any()]
     held = (f"; no {' or '.join(made)} folder: a stratified tenth of train is held out for "
             f"{'each' if len(made) > 1 else 'it'} (seeded: the same every time)") if made else ""
-    return f"{shown(root)}: split folders {found}{held}"
+    return f"{printable(root)}: split folders {found}{held}"
 
 
 def label_faces(images, splits):
@@ -309,7 +303,7 @@ def describe_classes(images, classes):
     found = {folder for _, _, folder in images}
     folders = {name: sorted(folder for folder in found if class_name(folder) == name) for name in classes}
     return f"{len(classes)} class{'es' if len(classes) > 1 else ''}: " + ", ".join(
-        f"{name}" + (f" (from {', '.join(map(shown, folders[name]))})"
+        f"{name}" + (f" (from {', '.join(map(printable, folders[name]))})"
                      if folders[name] != [name] else "") +
         ("" if name in EMOTIONS else " (not one of FER2013's: a class of its own)")
         for name in classes)
@@ -322,7 +316,7 @@ def load_folder(root, faces="auto", log=print, training=False):
     root = os.path.normpath(root)
     images, skipped, splits = scan(root)
     if not images:
-        raise UserError(f"{shown(root)} holds no images in class folders: put each class's images "
+        raise UserError(f"{printable(root)} holds no images in class folders: put each class's images "
                         "in a folder named after it, DIR/<class>/*.jpg or DIR/<split>/<class>/*.jpg"
                         + (f" ({describe_left_out(skipped, len(skipped))})" if skipped else ""))
     files = [path for path, _, _ in images]
@@ -332,7 +326,7 @@ def load_folder(root, faces="auto", log=print, training=False):
     skipped += [(files[i], str(why)) for i, why in zip(arrays["left"], arrays["why"])]
     kept = [images[i] for i in arrays["kept"]]
     if not kept:
-        raise UserError(f"none of the {len(files):,} images of {shown(root)} gave a face "
+        raise UserError(f"none of the {len(files):,} images of {printable(root)} gave a face "
                         f"({describe_left_out(skipped, total)})")
     classes, labels, usage = label_faces(kept, splits)
     data = dataset.FerData(arrays["faces"], labels, usage, root, classes,
@@ -342,7 +336,7 @@ def load_folder(root, faces="auto", log=print, training=False):
     log(describe_classes(kept, classes))
     empty = sorted({folder for _, _, folder in images} - {folder for _, _, folder in kept})
     if empty:
-        log(f"note: no face from the class folder(s) {', '.join(map(shown, empty))}: left out")
+        log(f"note: no face from the class folder(s) {', '.join(map(printable, empty))}: left out")
     if skipped:
         log(f"note: {describe_left_out(skipped, total)}")
     if training:
@@ -352,11 +346,11 @@ def load_folder(root, faces="auto", log=print, training=False):
 
 def check_trainable(data, splits):
     """What run.py needs of a folder, as one clear error each."""
-    where = shown(data.source)
+    where = printable(data.source)
     counts = {name: np.bincount(data.labels[data.usage == SPLIT_CODES[name]],
                                 minlength=len(data.class_names)) for name in SPLITS}
     if not counts["train"].any():
-        raise UserError(f"{where} has split folders ({', '.join(map(shown, splits.values()))}) but "
+        raise UserError(f"{where} has split folders ({', '.join(map(printable, splits.values()))}) but "
                         "no faces to train on: add a train/ folder (or use class folders only)")
     learnt = [n for n, c in zip(data.class_names, counts["train"]) if c]
     if len(learnt) < 2:
@@ -407,7 +401,7 @@ def changes(data, saved_fingerprint, split_file):
     the folder and, from the earlier split.csv when it is there, what changed in it."""
     if saved_fingerprint is None or data.fingerprint == saved_fingerprint:
         return None
-    where = f"{shown(data.source)} is not the folder it was (its files, splits or faces changed)"
+    where = f"{printable(data.source)} is not the folder it was (its files, splits or faces changed)"
     before = read_split(split_file)
     if before is None:
         return where
@@ -415,7 +409,7 @@ def changes(data, saved_fingerprint, split_file):
            zip(data.files, np.array(SPLITS_BY_CODE)[data.usage], data.labels)}
     differ = [("gone", sorted(set(before) - set(now))), ("new", sorted(set(now) - set(before))),
               ("in another split or class", sorted(f for f in set(now) & set(before) if now[f] != before[f]))]
-    said = [f"{len(paths)} {what} ({', '.join(shown(p) for p in paths[:SHOWN])}"
+    said = [f"{len(paths)} {what} ({', '.join(printable(p) for p in paths[:SHOWN])}"
             f"{', ...' if len(paths) > SHOWN else ''})" for what, paths in differ if paths]
     return (f"{where}: " + "; ".join(said) if said else
             f"{where}: the same files, but other faces (images edited, or another --faces)")

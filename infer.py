@@ -147,6 +147,12 @@ def check_flags(parser, args):
                                            ("--no_smooth", not args.smooth)) if used]
     if video_flags and args.video is None:
         parser.error(f"{', '.join(video_flags)} apply to --video only")
+    detector_flags = [name for name, used in (("--detector", args.detector != "haar"),
+                                              ("--min_face", args.min_face != 0),
+                                              ("--strictness", args.strictness is not None)) if used]
+    if detector_flags and args.images is None and args.video is None:  # -d DIR: its faces as training cut them
+        parser.error(f"{', '.join(detector_flags)} apply to --images and --video; a folder given with -d "
+                     "has its faces cropped as in training (--faces detect: Haar at the photo default)")
     if args.export is not None and len(args.checkpoint) != 1:
         parser.error("--export takes one checkpoint")
 

@@ -14,7 +14,7 @@ import dataset
 import folders
 import onnx_model
 import predict
-from utils import DEFAULT_CSV, EMOTIONS, SPLITS, UserError, atomic_write, new_folder, save_figure, save_json
+from utils import DEFAULT_CSV, EMOTIONS, SPLITS, UserError, atomic_write, new_folder, printable, save_figure, save_json
 
 
 def compute_metrics(probs, labels, class_names=EMOTIONS):
@@ -244,7 +244,7 @@ def report_split(models, data, split, out_dir, tta="none", num_save=16, batch_si
     mapped = to_model_classes(labels, data.class_names, names)
     known = mapped >= 0
     if not known.any():
-        raise UserError(f"none of the classes of {folders.shown(data.source)} ({', '.join(data.class_names)}) "
+        raise UserError(f"none of the classes of {printable(data.source)} ({', '.join(data.class_names)}) "
                         f"is one of the model's ({', '.join(names)})")
     split_name = split if data.files is not None else f"{split} ({SPLITS.get(split, 'every row')})"
     faces, apart = (images, None) if known.all() else (images[known], images[~known])
@@ -253,7 +253,7 @@ def report_split(models, data, split, out_dir, tta="none", num_save=16, batch_si
         files = np.asarray(data.files, dtype=object)[data.mask(split)][known]
         for key in ("predictions", "predictions_plain"):
             if key in result["files"]:
-                add_file_column(result["files"][key], [folders.shown(f) for f in files])
+                add_file_column(result["files"][key], [printable(f) for f in files])
     if apart is not None:
         probs = predict.predict(models, apart, tta, batch_size, device)
         result["classes_not_in_model"] = taken_for(labels[~known], probs, data.class_names, names)
