@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from models import CAM_LAYER
-from utils import EMOTIONS, UserError, atomic_write, save_figure
+from utils import EMOTIONS, UserError, atomic_write, save_figure, to_unit_float
 
 
 def cam_layer(model):
@@ -60,7 +60,7 @@ def grad_cam(model, faces, classes, layer=None, batch_size=64, device="cpu"):
                 torch.autocast(device.type, enabled=False):
             for start in range(0, len(faces), batch_size):
                 x = faces[start:start + batch_size].to(device).unsqueeze(1)
-                x = x.float().div(255) if not x.is_floating_point() else x.float()
+                x = to_unit_float(x)
                 x.requires_grad_(True)  # gradients reach the layer even when weights are frozen
                 captured.clear()
                 logits = model(x)
