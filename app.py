@@ -213,7 +213,7 @@ def video(page, path):
         message += f" The file {summary['stopped_early']}."
     annotated = files.get("annotated.mp4")  # absent when no MP4 could be written (video.open_writer)
     if annotated is None:
-        message += " No annotated video could be written; the table and timeline are complete."
+        message += " No annotated video could be written; the table and timeline cover every analysed frame."
     return (annotated and browser_copy(annotated), files["timeline.png"],
             table(TRACK_COLUMNS, tracks), files["frames.csv"], annotated, message)
 
@@ -401,7 +401,7 @@ def main(argv=None):
               file=sys.stderr)
     device = select_device(args.device)
     models = load_models(args.checkpoint, device)
-    require_emotions(models, "the page's photos and videos")
+    require_emotions(models, "the page's tabs (photo, video, camera)")
     if device.type == "cpu":  # 1-3 faces per call: a second thread only waits (README "Video")
         torch.set_num_threads(1)
     model = (f"{', '.join(os.path.basename(p) for p in args.checkpoint)} "

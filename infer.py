@@ -34,6 +34,8 @@ import video
 from utils import (DEFAULT_CSV, EMOTIONS, SPLITS, Parser, UserError, autocast_dtype, check_writable,
                    device_flags, emotion_index, flag, new_folder, path_arg, printable, run_cli, select_device)
 
+REPORT_FOLDER = "report"  # where -d's report goes when the call also classifies photos or videos
+
 
 def default_output_dir(paths, kind="report", split="test"):
     """Where results go without -o, two levels deep: outputs/photos_<time> or outputs/video_<time>
@@ -123,8 +125,9 @@ def get_args_parser():
 
     g = p.add_argument_group("output and hardware")
     flag(g, "-o", "--output", type=path_arg, default=None,
-         help="output folder (default: outputs/photos_<time> or outputs/video_<time>; for a split "
-              "outputs/<checkpoint folder>_<checkpoint name>_<split>)")
+         help="output folder, used when missing or empty, else FOLDER_2, _3, ... (default: "
+              "outputs/photos_<time> or outputs/video_<time>; for a split outputs/<checkpoint "
+              f"folder>_<checkpoint name>_<split>; a split beside photos or videos: <output>/{REPORT_FOLDER})")
     flag(g, "--batch_size", type=int, default=None,
          help="faces per batch (default: 64 on a CPU, 512 on a GPU)")
     device_flags(g)
@@ -151,8 +154,8 @@ def check_flags(parser, args):
                                               ("--min_face", args.min_face != 0),
                                               ("--strictness", args.strictness is not None)) if used]
     if detector_flags and args.images is None and args.video is None:  # -d DIR: its faces as training cut them
-        parser.error(f"{', '.join(detector_flags)} apply to --images and --video; a folder given with -d "
-                     "has its faces cropped as in training (--faces detect: Haar at the photo default)")
+        parser.error(f"{', '.join(detector_flags)} apply to --images and --video; a split report takes "
+                     "its faces as training did (a folder's: --faces, Haar at the photo default)")
     if args.export is not None and len(args.checkpoint) != 1:
         parser.error("--export takes one checkpoint")
 
@@ -202,7 +205,8 @@ def classify_videos(models, args, out_dir, explaining):
                                    keep_every=args.explain_every if explaining else 0)
     summaries = video.classify_videos(
         args.video, lambda crops: predict.predict(models, crops, args.tta, args.batch_size, args.device),
-        out_dir, settings, detector(args, video.VIDEO_DETECT_SIDE, faces.VIDEO_STRICTNESS))
+        out_dir, settings, detector(args, video.VIDEO_DETECT_SIDE, faces.VIDEO_STRICTNESS),
+        reserved=[REPORT_FOLDER] if args.dataset is not None else ())
     for summary in summaries if explaining else ():
         folder = summary["folder"]
         explain.report_maps(*explain.explain_found_faces(models, summary["kept"], folder, args.explain_class,
@@ -231,8 +235,8 @@ def main(argv=None):
             explain.cam_layer(model)  # fail before the work when a model cannot be explained
     kind = ("photos" if args.images else "video") if media else "report"
     out_dir = args.output or default_output_dir(paths, kind, args.split)
-    if media:  # its own folder, even beside a call started the same second; -o: an empty one is taken
-        out_dir = new_folder(os.path.normpath(out_dir), empty_is_new=bool(args.output))
+    if media:  # a new folder (the timestamped default: even beside a call of the same second), or -o's if empty
+        out_dir = new_folder(out_dir, empty_is_new=bool(args.output))
     # A split report makes its own new folder (report.report); photos and videos write into out_dir.
     check_writable(out_dir if media else os.path.dirname(os.path.abspath(out_dir)))
     amp_dtype = autocast_dtype(args.amp, args.device)
@@ -244,7 +248,8 @@ def main(argv=None):
         print(f"note: --amp needs CUDA or a CPU that computes bf16 natively (AVX512-BF16 or AMX); computing in fp32 on {args.device.type}")
     with predict.autocast(args.device, amp_dtype):
         if not media or args.dataset is not None:  # beside photos or videos: in its own subfolder
-            report_split(models, args, paths, os.path.join(out_dir, "report") if media else out_dir, explaining)
+            report_split(models, args, paths, os.path.join(out_dir, REPORT_FOLDER) if media else out_dir,
+                         explaining)
         if args.images is not None:
             classify_photos(models, args, out_dir, explaining)
         if args.video is not None:

@@ -272,7 +272,10 @@ def new_folder(path, empty_is_new=False):
     """Create `path`, or `path_2`, `path_3`, ... where it exists, and return the one created:
     results never mix with earlier ones, and two calls started in the same second never share a
     timestamped folder. `empty_is_new`: an empty folder that exists is taken as it is (a folder
-    the user made for the results)."""
+    the user made for the results). `out/` is `out`, and `.` the current folder by its name."""
+    path = os.path.normpath(path)
+    if os.path.basename(path) in (".", ".."):  # `._2` would be hidden inside it: take its name
+        path = os.path.abspath(path)
     check_writable(os.path.dirname(path) or ".")
     candidate, k = path, 1
     while True:
@@ -280,7 +283,10 @@ def new_folder(path, empty_is_new=False):
             os.mkdir(candidate)
             return candidate
         except FileExistsError:
-            if empty_is_new and os.path.isdir(candidate) and not os.listdir(candidate):
+            if not os.path.isdir(candidate):
+                if candidate == path:
+                    raise UserError(f"{printable(path)} is a file, not a folder: give another output folder")
+            elif empty_is_new and not os.listdir(candidate):
                 return candidate
             k += 1
             candidate = f"{path}_{k}"

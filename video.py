@@ -562,9 +562,10 @@ def finish_video(out_dir, progress, every):
     return summary
 
 
-def classify_videos(inputs, predict_faces, out_dir, settings=None, detector=None, log=print):
+def classify_videos(inputs, predict_faces, out_dir, settings=None, detector=None, log=print, reserved=()):
     """classify_video for each video file (folders: their videos) or camera index in `inputs`,
-    each into out_dir/<video name>/. A video that cannot be used is named in one warning line and
+    each into out_dir/<video name>/ (<video name>_2, ... where two share a name or it is one of
+    the `reserved` folder names). A video that cannot be used is named in one warning line and
     the others are still processed. Returns the summaries (each with its "folder"); raises
     UserError when not one video
     could be processed, and KeyboardInterrupt (after finishing the files) on Ctrl-C in a file."""
@@ -572,7 +573,7 @@ def classify_videos(inputs, predict_faces, out_dir, settings=None, detector=None
     for path, reason in skipped:
         warn(f"{printable(path)} {reason}; skipped")
     detector = detector or face_detector(side=VIDEO_DETECT_SIDE, strictness=VIDEO_STRICTNESS)
-    summaries, used = [], set()
+    summaries, used = [], {name.lower() for name in reserved}
     for source, name in sources:
         folder = name
         k = 1

@@ -345,7 +345,7 @@ def test_a_model_of_other_classes_is_refused_before_the_page_opens(monkeypatch, 
         utils.run_cli(app.main, ["-c", str(path), "--device", "cpu"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "the page's photos and videos need a model of FER2013's seven classes" in err
+    assert "the page's tabs (photo, video, camera) need a model of FER2013's seven classes" in err
     assert "Happy, Sad, contempt" in err and "Traceback" not in err
 
 

@@ -324,7 +324,7 @@ def test_a_model_of_other_classes_is_evaluated_in_its_classes_and_refused_for_ph
 def test_detector_flags_on_a_folder_report_are_refused_not_ignored(tmp_path, capsys):
     root = tmp_path / "faces"
     write_folder(root, {"happy": 3}, 2)
-    code, _, err = cli(infer.main, ["-c", SHIPPED, "-d", str(root), "--faces", "detect", "--detector", "haar_profile",
+    code, _, err = cli(infer.main, ["-c", SHIPPED, "-d", str(root), "--faces", "whole", "--detector", "haar_profile",
                                     "--min_face", "30", "-o", str(tmp_path / "r")], capsys)
     assert code == 2 and "--detector, --min_face apply to --images and --video" in err, err
     assert not (tmp_path / "r").exists()

@@ -1,4 +1,4 @@
-"""Process-level helpers: memory reuse for large tensors, the CPU's bf16 check."""
+"""Process-level helpers: memory reuse for large tensors, the CPU's bf16 check, new output folders."""
 import json
 import os
 import subprocess
@@ -64,3 +64,18 @@ def test_amp_picks_bf16_only_where_the_cpu_computes_it(monkeypatch, machine, avx
     assert utils.autocast_dtype(False, cpu) is None
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert utils.amp_dtype_for(cpu) is None
+
+
+def test_new_folder_moves_aside_from_earlier_results_and_refuses_a_file(tmp_path, monkeypatch):
+    import utils
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("out")
+    assert utils.new_folder("out/", empty_is_new=True) == "out"  # empty: the user's folder
+    open(os.path.join("out", "faces.csv"), "w").close()
+    assert utils.new_folder("out/", empty_is_new=True) == "out_2"  # beside it, not out/_2 inside it
+    assert utils.new_folder("out") == "out_3"
+    os.chdir("out")  # `-o .` in a folder that holds results: its sibling by name, not a hidden ._2
+    assert utils.new_folder(".") == str(tmp_path / "out_4")
+    open(tmp_path / "results.txt", "w").close()
+    with pytest.raises(utils.UserError, match="results.txt is a file, not a folder"):
+        utils.new_folder(str(tmp_path / "results.txt"), empty_is_new=True)

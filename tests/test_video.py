@@ -1,6 +1,7 @@
 """infer.py --video: per-frame rows, tracks, the annotated video, timeline and summary, and bad
 inputs; all on small clips made here from a real face photo (skimage's astronaut)."""
 import json
+import os
 
 import cv2
 import numpy as np
@@ -296,6 +297,18 @@ def test_explain_on_video_maps_every_nth_frame_with_faces(ckpt, clip, tmp_path, 
         assert cv2.imread(str(cams / name)) is not None
         assert cv2.imread(str(cams / name.replace("_cam", "")), cv2.IMREAD_UNCHANGED).shape == (48, 48)
     assert (out / "interview" / "explain_grid.png").exists()
+
+
+def test_a_split_report_beside_videos_keeps_its_folder_from_a_video_named_report(ckpt, clip, tmp_path, capsys):
+    import synthetic
+    csv = synthetic.write_synthetic_csv(tmp_path / "faces.csv", 7, 7, 7, seed=1)
+    named = tmp_path / "report.mp4"
+    named.write_bytes(open(clip[0], "rb").read())
+    code, _, err = run_video([named, "-d", csv], ckpt, tmp_path / "out", capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "report" / "metrics.json").exists()
+    assert not (tmp_path / "out" / "report" / "frames.csv").exists()
+    assert (tmp_path / "out" / "report_2" / "frames.csv").exists()
 
 
 def test_video_flags_without_video_are_refused(ckpt, tmp_path, capsys):

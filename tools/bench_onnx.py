@@ -5,8 +5,8 @@ faces.
     python3 tools/bench_onnx.py --json results/bench_onnx.json          # FER2013 PrivateTest faces
     python3 tools/bench_onnx.py -d synthetic --models vgg2_0_2 --seconds 0.5  # quick look
 
-For each model: PyTorch as infer.py runs it (fp32, eval, torch.inference_mode, NCHW), PyTorch
-with channels-last weights and inputs, and the exported ONNX file in onnxruntime (CPU provider,
+For each model: PyTorch in the default NCHW layout (fp32, eval, torch.inference_mode), PyTorch
+with channels-last weights and inputs (as infer.py runs it, predict.load_models), and the exported ONNX file in onnxruntime (CPU provider,
 through onnx_model.OnnxModel, the wrapper infer.py uses, so its tensor<->numpy copies count).
 All use the same number of threads (torch.get_num_threads(), or --threads). The three are timed
 in turns, `--rounds` times, and each keeps its median round: a load that comes and goes on a
