@@ -41,6 +41,8 @@ DEFAULT_LR = {"sgd": 0.02, "adamw": 1e-3, "adadelta": 0.1}
 # The built-in synthetic faces (`-d synthetic`, 4,000 training faces) learn in a few epochs;
 # random erasing hides the mouth, which carries most of their drawn expression.
 SYNTHETIC_DEFAULTS = {"epoch_num": 6, "erase_p": 0.0}  # conv3: 92.8% on its test split
+# What announce() writes before the first checkpoint; release() removes them when none was saved.
+START_FILES = ("args.json", folders.SPLIT_FILE, folders.LEFT_OUT_FILE)
 # Flags that may differ when a run is resumed without changing what it computes. -d: the same
 # data at another path (checked against the class counts saved in the checkpoint); -o is always
 # the resuming command's (typed or its default), listed so that typing it draws no note;
@@ -679,15 +681,17 @@ def missing_folders(path):
 
 def release(created):
     """Give back what prepare() took: the run folder's lock, and the folders it made when the run
-    saved no checkpoint (a run that fails before its first save leaves none, not its args.json)."""
+    saved no checkpoint (a run that fails before its first save leaves none: not its args.json,
+    nor a folder's split.csv and left_out.csv, which would refuse the same command again)."""
     for lock in created["lock"]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(lock.name)  # while still holding it: see claim_run_folder
         lock.close()
     saved = created["ckpt"] and glob.glob(os.path.join(glob.escape(created["ckpt"]), "*.pth"))
     for folder in created["new"]:
-        if not saved and os.path.isdir(folder) and os.listdir(folder) == ["args.json"]:
-            os.remove(os.path.join(folder, "args.json"))
+        if not saved and os.path.isdir(folder) and set(os.listdir(folder)) <= set(START_FILES):
+            for name in os.listdir(folder):
+                os.remove(os.path.join(folder, name))
         if os.path.isdir(folder) and not os.listdir(folder):
             os.rmdir(folder)
 

@@ -321,6 +321,18 @@ def test_a_model_of_other_classes_is_evaluated_in_its_classes_and_refused_for_ph
     assert code == 2 and "--images and --video need a model of FER2013's seven classes" in err
 
 
+def test_a_run_that_diverges_before_its_first_save_leaves_no_folders(tmp_path, capsys):
+    root = tmp_path / "faces"
+    write_folder(root, {"happy": 3, "sad": 4}, 12)
+    (root / "happy" / "notes.txt").write_text("not an image")  # a file left out: left_out.csv has a row
+    argv = run_args(root, tmp_path, "-m", "vgg2_0_2", "--epoch_num", "2", "--lr", "1e8", "--scheduler", "none",
+                    "--num_iter_to_validate", "4")
+    for _ in range(2):  # the same command again is not refused for the first one's files
+        code, _, err = cli(run.main, argv, capsys)
+        assert code == 2 and "no checkpoint was saved" in err, err
+        assert not (tmp_path / "ckpt" / "r").exists() and not (tmp_path / "out" / "r").exists()
+
+
 def test_detector_flags_on_a_folder_report_are_refused_not_ignored(tmp_path, capsys):
     root = tmp_path / "faces"
     write_folder(root, {"happy": 3}, 2)
