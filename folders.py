@@ -268,8 +268,7 @@ def describe_left_out(skipped, total):
     groups = "; ".join(f"{n} {reason}" for reason, n in why.most_common(4))
     more = f"; {len(why) - 4} other reasons" if len(why) > 4 else ""
     named = ", ".join(printable(path) for path, _ in skipped[:SHOWN])
-    return (f"left out {len(skipped):,} of {total:,} files ({groups}{more}), e.g. {named}; all are "
-            f"listed in {LEFT_OUT_FILE} in the output folder")
+    return f"left out {len(skipped):,} of {total:,} files ({groups}{more}), e.g. {named}"
 
 
 def describe_layout(root, splits, usage):
@@ -337,8 +336,9 @@ def load_folder(root, faces="auto", log=print, training=False):
     empty = sorted({folder for _, _, folder in images} - {folder for _, _, folder in kept})
     if empty:
         log(f"note: no face from the class folder(s) {', '.join(map(printable, empty))}: left out")
-    if skipped:
-        log(f"note: {describe_left_out(skipped, total)}")
+    if skipped:  # write_split lists them: run.py and infer.py -d call it on their output folders
+        log(f"note: {describe_left_out(skipped, total)}; run.py and infer.py list them all in "
+            f"{LEFT_OUT_FILE} in their output folder")
     if training:
         check_trainable(data, splits)
     return data

@@ -249,7 +249,8 @@ def report_split(models, data, split, out_dir, tta="none", num_save=16, batch_si
     split_name = split if data.files is not None else f"{split} ({SPLITS.get(split, 'every row')})"
     faces, apart = (images, None) if known.all() else (images[known], images[~known])
     result = report(models, faces, mapped[known], out_dir, tta, num_save, batch_size, device, split_name)
-    if data.files is not None:
+    if data.files is not None:  # which file is which face, and which files were left out
+        folders.write_split(data, result["folder"])
         files = np.asarray(data.files, dtype=object)[data.mask(split)][known]
         for key in ("predictions", "predictions_plain"):
             if key in result["files"]:

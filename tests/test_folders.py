@@ -321,6 +321,20 @@ def test_a_model_of_other_classes_is_evaluated_in_its_classes_and_refused_for_ph
     assert code == 2 and "--images and --video need a model of FER2013's seven classes" in err
 
 
+def test_a_folder_report_lists_its_faces_and_the_files_left_out(tmp_path, capsys):
+    root = tmp_path / "faces"
+    write_folder(root, {"happy": 3, "sad": 4}, 3)
+    (root / "sad" / "notes.txt").write_text("not an image")
+    code, out, err = cli(infer.main, ["-c", SHIPPED, "-d", str(root), "--split", "all", "-o", str(tmp_path / "r"),
+                                      "--num_save", "0"], capsys)
+    assert code == 0, err
+    assert "left out 1 of 7 files" in out and "list them all in left_out.csv" in out
+    left_out = pd.read_csv(tmp_path / "r" / "left_out.csv")
+    assert list(left_out["file"]) == [os.path.join("sad", "notes.txt")]
+    split = pd.read_csv(tmp_path / "r" / "split.csv")
+    assert len(split) == 6 and set(split["class"]) == {"Happy", "Sad"}
+
+
 def test_a_run_that_diverges_before_its_first_save_leaves_no_folders(tmp_path, capsys):
     root = tmp_path / "faces"
     write_folder(root, {"happy": 3, "sad": 4}, 12)
