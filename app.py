@@ -44,7 +44,7 @@ from faces import (EMOTION_COLOURS, FACE_MARGIN, Skipped, annotate, crop_face, r
 from onnx_model import OnnxModel  # noqa: E402
 from photos import photo_rows, unique_name, write_faces_table  # noqa: E402
 from predict import DEFAULT_CHECKPOINT, detect_emotions, load_models, predict, require_emotions  # noqa: E402
-from utils import EMOTIONS, Parser, flag, run_cli, select_device  # noqa: E402
+from utils import EMOTIONS, Parser, flag, path_arg, run_cli, select_device  # noqa: E402
 from video import classify_video  # noqa: E402
 
 MAX_FILE_MB = 100  # uploads above this are refused by the server before they are stored
@@ -372,7 +372,7 @@ def get_args_parser():
     p = Parser(prog="app.py", description="A local web page: photos, videos and the camera through "
                                           "the emotion models.",
                epilog="examples:\n" + __doc__.split("\n\n")[1])
-    flag(p, "--checkpoint", "-c", nargs="+", default=[DEFAULT_CHECKPOINT], metavar="PATH",
+    flag(p, "--checkpoint", "-c", nargs="+", type=path_arg, default=[DEFAULT_CHECKPOINT], metavar="PATH",
          help="checkpoint file(s) (.pth or .onnx, or a run folder with one *_best.pth); several make "
               "an ensemble (default: the shipped pretrained/fer2013_vgg2_4_2_conv5.pth)")
     flag(p, "--host", default="127.0.0.1",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from utils import (DEFAULT_CSV, EMOTIONS, NUM_CLASSES, SIDE, SPLITS, DiskFull, Parser, UserError, atomic_write,
-                   clip, flag, printable, save_figure)
+                   clip, flag, path_arg, printable, save_figure)
 
 USAGES = tuple(SPLITS.values())
 PIXELS = SIDE * SIDE
@@ -369,10 +369,10 @@ def faces_flag(group):
 def main(argv):
     parser = Parser(prog="dataset.py", description="Check a data set (a FER2013 CSV, or a folder of "
                                                    "face images): its splits and classes.")
-    flag(parser, "-d", "--dataset", default=DEFAULT_CSV,
+    flag(parser, "-d", "--dataset", type=path_arg, default=DEFAULT_CSV,
          help="CSV path, 'synthetic', or a folder of images: DIR/<class>/* or "
               "DIR/<split>/<class>/* (default: %(default)s)")
-    flag(parser, "--chart", metavar="PNG", help="also draw the class distribution into this file")
+    flag(parser, "--chart", type=path_arg, metavar="PNG", help="also draw the class distribution into this file")
     flag(parser, "--skip_bad_rows", action="store_true",
          help="drop malformed rows (with a warning that counts them)")
     faces_flag(parser)

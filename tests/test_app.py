@@ -330,6 +330,9 @@ def test_host_beyond_loopback_warns(monkeypatch, capsys, tmp_path):
     assert "warning" not in capsys.readouterr().err and served[1][2:4] == ("127.0.0.1", 7860)
     with pytest.raises(SystemExit):
         app.main(["--port", "0"])
+    with pytest.raises(SystemExit):
+        app.main(["-c", ""])
+    assert "an empty path" in capsys.readouterr().err
 
 
 def test_a_model_of_other_classes_is_refused_before_the_page_opens(monkeypatch, capsys, tmp_path):

@@ -256,6 +256,12 @@ def test_empty_paths_are_refused_by_infer(argv, capsys):
     assert code == 2 and "an empty path" in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("argv", [["-d", ""], ["--chart", ""]])
+def test_empty_paths_are_refused_by_the_data_checker(argv, capsys):
+    code, _, err = run_cli(argv, capsys, dataset.main)
+    assert code == 2 and "an empty path" in err and len(err.strip().splitlines()) == 1, err
+
+
 SIGTERM_AND_ODD_NAMES = """
 import os, signal, sys, utils
 def main(argv):
