@@ -236,8 +236,8 @@ def summary_table():
         model = FerNet(name)
         params = sum(p.numel() for p in model.parameters())
         with torch.no_grad():
-            shape = tuple(model.eval()(torch.zeros(2, 1, SIDE, SIDE)).shape)
-        rows.append(f"| {name} | {params:,} | {gflops_per_image(model):.2f} | {shape} |")
+            classes = model.eval()(torch.zeros(2, 1, SIDE, SIDE)).shape[1]
+        rows.append(f"| {name} | {params:,} | {gflops_per_image(model):.2f} | (N, {classes}) |")
     return "\n".join(rows)
 
 

@@ -839,6 +839,16 @@ def announce(run, resume, init):
         f"checkpoints in {os.path.dirname(run.paths['last'])}, outputs in {run.out_dir}")
 
 
+def weights_agree(model, world):
+    """Whether every rank ends with the same parameters, as DistributedDataParallel should keep
+    them (BatchNorm's running statistics are left out: each rank updates them on its own batches
+    until the next forward pass broadcasts rank 0's): their float64 sums, gathered."""
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    sums = [torch.zeros_like(total) for _ in range(world)]
+    torch.distributed.all_gather(sums, total)
+    return all(torch.equal(s, total) for s in sums)
+
+
 def finish(run, ended, total_steps):
     """After the loop: the closing line, history and charts, and the PrivateTest of the best
     checkpoint. Returns the exit code (130 when stopped by a signal)."""
@@ -848,6 +858,9 @@ def finish(run, ended, total_steps):
         f"{run.session_steps * args.batch_size * run.parts.world / max(seconds, 1e-9):.0f} training images/s "
         "in this session")
     if run.parts.world > 1:  # all ranks leave together: a rank gone early can abort the others' gloo
+        agree = weights_agree(train.unwrap(run.parts.model), run.parts.world)
+        log(f"weights identical on all {run.parts.world} ranks" if agree else
+            "warning: the ranks' weights differ (a broken DistributedDataParallel setup): only rank 0's are saved")
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     stopped = ended.startswith("stopped by")

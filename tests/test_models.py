@@ -108,6 +108,7 @@ def test_models_script_prints_the_table():
     table = models.summary_table()
     for name, params in EXPECTED_PARAMS.items():
         assert f"| {name} | {params:,} |" in table
+    assert table.count("| (N, 7) |") == len(EXPECTED_PARAMS)
 
 
 @pytest.mark.parametrize("amp", [False, True])

@@ -315,6 +315,7 @@ def test_two_process_gloo_run_trains_once_and_agrees(faces_csv, tmp_path):
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("testing the best checkpoint") == 1  # once, on rank 0
+    assert "weights identical on all 2 ranks" in result.stdout
     assert sorted(os.listdir(tmp_path / "ckpt" / "r")) == ["vgg2_0_2_best.pth", "vgg2_0_2_last.pth"]  # lock gone
     history = json.loads((tmp_path / "out" / "r" / "history.json").read_text())
     assert len(history) == 4 and history[-1]["val_acc"] > 0.5
