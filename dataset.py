@@ -124,6 +124,16 @@ def fold_of(n, folds):
     return np.random.default_rng(2026).permutation(n) % folds
 
 
+def csv_sha256(data):
+    """The fingerprint of a CSV data set's faces, labels and splits (a folder's is
+    folders.fingerprint): a resumed run must find the faces it started with, not merely as many
+    of each class. About 0.2 s for FER2013."""
+    digest = hashlib.sha256()
+    for array in (data.images, data.labels, data.usage):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def folds_sha256(images, labels, folds):
     """The fingerprint of a training split's faces, labels and their folds: the same for a
     teacher and its student only if both split the same faces, in the same order, the same way

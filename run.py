@@ -36,6 +36,7 @@ from utils import (DEFAULT_CSV, Parser, UserError, atomic_write, autocast_dtype,
                    seed_everything, select_device)
 
 DEFAULT_MODEL = "vgg2_4_2_conv3"
+DEFAULT_OUTPUT = "./outputs"
 # Learning rates that work with the default batch size (128), per optimiser.
 DEFAULT_LR = {"sgd": 0.02, "adamw": 1e-3, "adadelta": 0.1}
 # The built-in synthetic faces (`-d synthetic`, 4,000 training faces) learn in a few epochs;
@@ -88,7 +89,7 @@ def get_args_parser():
          help="start a new run (-m) from the weights in this checkpoint or export (fine-tuning)")
     flag(g, "--checkpoint_dir", type=path_arg, default="./checkpoint",
          help="folder for the run folders of checkpoints (default: %(default)s)")
-    flag(g, "-o", "--output", type=path_arg, default="./outputs",
+    flag(g, "-o", "--output", type=path_arg, default=DEFAULT_OUTPUT,
          help="folder for outputs (default: %(default)s)")
     flag(g, "--run_name", default=None, help="name of the run folders (default: MODEL_TIME)")
     flag(g, "--num_save", type=int, default=16, help="test faces saved as images (default: 16)")
@@ -223,6 +224,18 @@ def typed_flags(parser, argv):
     return {action.dest for action in parser._actions if typed & set(action.option_strings)}
 
 
+def check_not_behind(resume, path):
+    """Resuming writes <model>_last.pth beside the file: from a _best.pth (an earlier step) that
+    would throw the run's later steps away, so it is refused while the _last.pth is there."""
+    last = os.path.join(os.path.dirname(os.path.abspath(path)), f"{resume['model_name']}_last.pth")
+    if resume.get("kind") != "best" or not os.path.exists(last) or os.path.samefile(last, path):
+        return
+    raise UserError(f"{path} is the run's best checkpoint (step {resume['train_state'].step}); resuming "
+                    f"from it would train those steps again and replace {last}. Resume the run with "
+                    f"--checkpoint {last}, or start a new one from these weights: python3 run.py -m "
+                    f"{resume['model_name']} --init_from {path}")
+
+
 def resolve_run(parser, argv):
     """Parse the command line into (args, checkpoint to resume or None, checkpoint to start from
     or None). `-m MODEL --checkpoint FILE`, the old spelling of --init_from, is still understood."""
@@ -250,6 +263,7 @@ def resolve_run(parser, argv):
     if args.checkpoint:
         resume = checkpoint.load(args.checkpoint)
         resume["train_state"] = checkpoint.train_state(resume, args.checkpoint)
+        check_not_behind(resume, args.checkpoint)
         saved = {**vars(parser.parse_args([])), **resume["args"]}  # flags added since: defaults
         typed = typed_flags(parser, argv)
         ignored = sorted(typed - set(RESUME_OVERRIDES) - {"checkpoint"})
@@ -406,7 +420,14 @@ def setup_distributed(device_name):
     return rank, world, device
 
 
-def claim_run_folder(ckpt_dir, resuming, model_name):
+def resume_command(args, path):
+    """The command that resumes the run from `path`: with the run's -o where it is not the default,
+    since a resumed run writes its outputs under the resuming command's -o."""
+    same = os.path.normpath(args.output) == os.path.normpath(DEFAULT_OUTPUT)
+    return f"python3 run.py --checkpoint {path}" + ("" if same else f" -o {args.output}")
+
+
+def claim_run_folder(ckpt_dir, resuming, args):
     """Own a run folder for this process (lock_file), refused while another process holds it; a
     new run never reuses the folder of an earlier one; temporary files that a killed save left
     behind are removed. Returns the open lock file (release() removes it)."""
@@ -417,8 +438,8 @@ def claim_run_folder(ckpt_dir, resuming, model_name):
         raise UserError(f"cannot write to {ckpt_dir}: {err.strerror or err}") from err
     if not resuming and glob.glob(os.path.join(glob.escape(ckpt_dir), "*.pth")):
         release({"lock": [lock], "new": [], "ckpt": ckpt_dir})
-        last = glob.glob(os.path.join(glob.escape(ckpt_dir), f"{model_name}_last.pth"))
-        hint = (f"resume it with: python3 run.py --checkpoint {last[0]}, or pick another --run_name" if last
+        last = glob.glob(os.path.join(glob.escape(ckpt_dir), f"{args.model}_last.pth"))
+        hint = (f"resume it with: {resume_command(args, last[0])}, or pick another --run_name" if last
                 else "pick another --run_name")
         raise UserError(f"{ckpt_dir} already holds a run; {hint}")
     for stale in glob.glob(os.path.join(glob.escape(ckpt_dir), ".tmp-*")):
@@ -553,7 +574,10 @@ def main(argv):
         return finish(run, ended, total_steps)
     except train.Diverged as err:
         kept = checkpoint.kept_note(os.path.dirname(run.paths["last"]))
-        raise UserError(f"{err} and {kept}. Try a lower --lr.") from None
+        advice = ("Try a lower --lr" if not os.path.exists(run.paths["last"]) else
+                  f"Start a new run with a lower --lr and another --run_name (resuming keeps this run's "
+                  f"--lr), from scratch or from --init_from {run.paths['last']}")
+        raise UserError(f"{err} and {kept}. {advice}.") from None
     finally:
         release(created)
 
@@ -574,7 +598,7 @@ def prepare(args, resume, init, created):
         return None
     created.update(new=missing_folders(ckpt_dir) + missing_folders(out_dir), ckpt=ckpt_dir)
     if rank == 0:
-        created["lock"].append(claim_run_folder(ckpt_dir, resume is not None, args.model))
+        created["lock"].append(claim_run_folder(ckpt_dir, resume is not None, args))
         check_outputs(out_dir, resume is not None)
         check_writable(out_dir)
     reuse_freed_memory(device)  # each step's large activations reuse memory, not fault it in again
@@ -622,19 +646,25 @@ def initial_model(args, data, init, resume, log):
 def check_data(data, args, resume, teachers):
     """A resumed run must find the faces it started with (a folder's are named when they
     changed); teachers must have the data's classes, which are the student's. A folder's faces
-    setting and fingerprint go into args, so into args.json and every checkpoint."""
-    if resume is not None:
+    setting and fingerprint go into args, so into args.json and every checkpoint (a CSV's too)."""
+    fingerprint = data.fingerprint if data.files is not None else dataset.csv_sha256(data)
+    saved = getattr(args, "data_sha256", None)  # None: a run started before CSVs had one
+    if resume is not None and data.files is not None:
         split_file = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), folders.SPLIT_FILE)
-        changed = folders.changes(data, getattr(args, "data_sha256", None), split_file)
+        changed = folders.changes(data, saved, split_file)
         if changed:
             raise UserError(f"{changed}; resume with the folder as it was when the run started "
                             "(or start a new run on it)")
+    elif resume is not None and saved not in (None, fingerprint):
+        raise UserError(f"{args.dataset} holds other faces than the data set this run was trained on "
+                        f"(its fingerprint differs from the one in {args.checkpoint}): resume with that file's -d")
     for path, teacher in zip(args.teacher or [], teachers):
         if tuple(teacher.class_names) != tuple(data.class_names):
             raise UserError(f"teacher {path} has the classes {', '.join(teacher.class_names)}; the data's "
                             f"are {', '.join(data.class_names)}: a teacher must have the student's classes")
+    args.data_sha256 = fingerprint
     if data.files is not None:
-        args.faces, args.data_sha256 = data.faces, data.fingerprint
+        args.faces = data.faces
 
 
 def finished(args, resume, out_dir):
@@ -655,9 +685,13 @@ def finished(args, resume, out_dir):
                     f"--patience N (more than {args.patience})")
     else:
         return False
+    if not os.path.exists(os.path.join(out_dir, "test", "metrics.json")):  # its test was cut short
+        print(f"note: {args.run_name} already {why}, but {out_dir} has no test report: testing its best "
+              "checkpoint now")
+        return False
     print(f"note: {args.run_name} already {why}; its test report is in "
           f"{os.path.join(out_dir, 'test')} (or the folder of the command that finished it). "
-          f"To train it further: python3 run.py --checkpoint {args.checkpoint} {how}")
+          f"To train it further: {resume_command(args, args.checkpoint)} {how}")
     return True
 
 
@@ -872,7 +906,7 @@ def finish(run, ended, total_steps):
     draw_or_warn(functools.partial(dataset.plot_class_distribution, class_names=run.data.class_names),
                  dataset.class_counts(run.data), os.path.join(run.out_dir, "class_distribution.png"))
     if stopped:
-        log(f"resume with: python3 run.py --checkpoint {run.paths['last']}")
+        log(f"resume with: {resume_command(args, run.paths['last'])}")
         return 130
     if os.path.exists(run.paths["best"]):
         device = run.batches.device

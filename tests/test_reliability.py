@@ -333,6 +333,21 @@ def test_diverged_weights_are_never_saved_even_on_ctrl_c(tiny_csv, tmp_path, mon
     assert all(v.isfinite().all() for v in last["model_state"].values() if v.is_floating_point())
 
 
+def test_a_loss_that_diverges_after_a_save_says_how_to_start_again(tiny_csv, tmp_path, monkeypatch, capsys):
+    real_augment, calls = train.augment, {"n": 0}
+
+    def poisoned(images, generator, args):  # the fifth step's loss is NaN: after the first save (step 4)
+        calls["n"] += 1
+        x = real_augment(images, generator, args)
+        return x * float("nan") if calls["n"] >= 5 else x
+    monkeypatch.setattr(train, "augment", poisoned)
+    code, err = exit_code_and_err(quick_run(tiny_csv, tmp_path, "--epoch_num", "3", "--batch_size", "32",
+                                            "--num_iter_to_validate", "4"), capsys)
+    last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    assert code == 2 and "last good ones" in err and "another --run_name" in err, err
+    assert f"--init_from {last}" in err and last.exists()
+
+
 def test_resume_says_when_best_is_newer_than_last(tiny_csv, tmp_path, capsys):
     assert run.main(quick_run(tiny_csv, tmp_path, "--epoch_num", "2")) == 0
     folder = tmp_path / "ckpt" / "r"
@@ -369,6 +384,43 @@ def test_a_run_name_that_is_not_a_plain_folder_name_is_refused_before_anything_i
     code, err = exit_code_and_err(argv, capsys)
     assert code == 2 and "--run_name" in err and len(err.strip().splitlines()) == 1, err
     assert set(os.listdir(tmp_path)) <= {"cache"} and not (tmp_path.parent / "x").exists()
+
+
+def test_resuming_a_finished_run_from_its_best_checkpoint_is_refused(finished_run, tmp_path, capsys):
+    copy_run(finished_run, tmp_path)
+    folder = tmp_path / "ckpt" / "r"
+    before = (folder / "vgg2_0_2_last.pth").read_bytes()
+    code, err = exit_code_and_err(["--checkpoint", str(folder / "vgg2_0_2_best.pth"), "-o", str(tmp_path / "out")],
+                                  capsys)
+    assert code == 2 and "is the run's best checkpoint" in err and f"--checkpoint {folder / 'vgg2_0_2_last.pth'}" in err
+    assert "--init_from" in err and (folder / "vgg2_0_2_last.pth").read_bytes() == before
+
+
+def test_a_finished_run_without_its_test_report_is_tested_on_resume(finished_run, tmp_path, capsys):
+    copy_run(finished_run, tmp_path)
+    shutil.rmtree(tmp_path / "out" / "r" / "test")  # as when the final test was cut short
+    last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    assert run.main(["--checkpoint", str(last), "-o", str(tmp_path / "out")]) == 0
+    assert "has no test report: testing its best checkpoint now" in capsys.readouterr().out
+    assert (tmp_path / "out" / "r" / "test" / "metrics.json").exists()
+    # Now it has one: resuming again only says how to train further, with the run's -o.
+    assert run.main(["--checkpoint", str(last), "-o", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"To train it further: python3 run.py --checkpoint {last} -o {tmp_path / 'out'} --epoch_num N" in out
+
+
+def test_resuming_on_other_faces_with_the_same_class_counts_is_refused(finished_run, tiny_csv, tmp_path, capsys):
+    import pandas as pd
+    copy_run(finished_run, tmp_path)
+    table = pd.read_csv(tiny_csv)
+    table["pixels"] = table["pixels"].sample(frac=1, random_state=0).to_numpy()  # faces moved, counts kept
+    other = tmp_path / "shuffled.csv"
+    table.to_csv(other, index=False)
+    last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
+    code, err = exit_code_and_err(["--checkpoint", str(last), "--epoch_num", "2", "-d", str(other),
+                                   "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and "holds other faces than the data set this run was trained on" in err, err
+    assert run.main(["--checkpoint", str(last), "--epoch_num", "2", "-d", tiny_csv, "-o", str(tmp_path / "out")]) == 0
 
 
 def test_a_new_run_never_overwrites_another_runs_outputs(tiny_csv, finished_run, tmp_path, capsys):
