@@ -656,8 +656,8 @@ def check_data(data, args, resume, teachers):
             raise UserError(f"{changed}; resume with the folder as it was when the run started "
                             "(or start a new run on it)")
     elif resume is not None and saved not in (None, fingerprint):
-        raise UserError(f"{args.dataset} holds other faces than the data set this run was trained on "
-                        f"(its fingerprint differs from the one in {args.checkpoint}): resume with that file's -d")
+        raise UserError(f"{args.dataset} is not the data set this run was trained on (its faces, labels or "
+                        f"splits differ from those in {args.checkpoint}, by their sha256): resume with that file's -d")
     for path, teacher in zip(args.teacher or [], teachers):
         if tuple(teacher.class_names) != tuple(data.class_names):
             raise UserError(f"teacher {path} has the classes {', '.join(teacher.class_names)}; the data's "

@@ -419,7 +419,7 @@ def test_resuming_on_other_faces_with_the_same_class_counts_is_refused(finished_
     last = tmp_path / "ckpt" / "r" / "vgg2_0_2_last.pth"
     code, err = exit_code_and_err(["--checkpoint", str(last), "--epoch_num", "2", "-d", str(other),
                                    "-o", str(tmp_path / "out")], capsys)
-    assert code == 2 and "holds other faces than the data set this run was trained on" in err, err
+    assert code == 2 and "is not the data set this run was trained on (its faces, labels" in err, err
     assert run.main(["--checkpoint", str(last), "--epoch_num", "2", "-d", tiny_csv, "-o", str(tmp_path / "out")]) == 0
 
 
