@@ -368,7 +368,8 @@ def check_trainable(data, splits):
 
 
 def write_split(data, folder):
-    """split.csv (split, class, file: the faces of each split, in the order reports number them)
+    """split.csv (split, class, file: the faces of each split, in the order a report on that split
+    numbers them, except that it skips faces of classes its model lacks: predictions.csv's `file` says)
     and left_out.csv (file, why) into `folder`; nothing for a CSV data set. File names are
     written as their bytes, whatever their encoding."""
     if data.files is None:

@@ -19,7 +19,10 @@ from utils import DEFAULT_CSV, EMOTIONS, SPLITS, UserError, atomic_write, new_fo
 
 def compute_metrics(probs, labels, class_names=EMOTIONS):
     """Loss, accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix
-    of probabilities (N, classes) against labels; classes absent from a small split count as zero.
+    of probabilities (N, classes) against labels. The averages take the classes that are in the
+    split or predicted (scikit-learn's default; `macro_f1_classes` names them): a class that is
+    neither, e.g. Disgust in a small split or one the folder lacks, would add an F1 of 0 to the
+    mean. per_class and the confusion matrix keep every class of the model.
 
     Returns (metrics dict of plain Python values, scikit-learn's classification report text)."""
     from sklearn.metrics import classification_report, confusion_matrix
@@ -37,7 +40,9 @@ def compute_metrics(probs, labels, class_names=EMOTIONS):
     names = list(class_names)
     table = classification_report(labels, pred, labels=classes, target_names=names,
                                   zero_division=0, output_dict=True)
-    text = classification_report(labels, pred, labels=classes, target_names=names,
+    seen = sorted(set(labels.tolist()) | set(pred.tolist()))
+    averaged = classification_report(labels, pred, labels=seen, zero_division=0, output_dict=True)
+    text = classification_report(labels, pred, labels=seen, target_names=[names[c] for c in seen],
                                  zero_division=0, digits=4)
     per_class = {name: {"precision": float(table[name]["precision"]),
                         "recall": float(table[name]["recall"]),
@@ -47,8 +52,9 @@ def compute_metrics(probs, labels, class_names=EMOTIONS):
         "n": int(n),
         "loss": float(-np.log(np.clip(probs[np.arange(n), labels], 1e-12, None)).mean()),
         "accuracy": float((pred == labels).mean()),
-        "macro_f1": float(table["macro avg"]["f1-score"]),
-        "weighted_f1": float(table["weighted avg"]["f1-score"]),
+        "macro_f1": float(averaged["macro avg"]["f1-score"]),
+        "weighted_f1": float(averaged["weighted avg"]["f1-score"]),
+        "macro_f1_classes": [names[c] for c in seen],
         "per_class": per_class,
         "confusion_matrix": confusion_matrix(labels, pred, labels=classes).tolist(),
     }
@@ -201,7 +207,9 @@ def report(models, images, labels, out_dir, tta="none", num_save=16, batch_size=
     for mode in modes:
         m = results[mode][0]
         log(f"  {'without TTA' if mode == 'none' else 'TTA ' + mode:<12} loss {m['loss']:.4f}  "
-            f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
+            f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}"
+            + (f" (over the {len(m['macro_f1_classes'])} classes present or predicted)"
+               if len(m["macro_f1_classes"]) < len(class_names) else ""))
     for mode in reversed(modes):
         log(f"per class ({'without TTA' if mode == 'none' else 'TTA ' + mode}):\n{results[mode][1]}")
 

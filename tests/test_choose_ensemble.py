@@ -1,6 +1,7 @@
 """tools/choose_ensemble.py: every subset and TTA ranked on PublicTest with the same numbers
 infer.py gives, PrivateTest never read, and clear errors for bad requests."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -75,6 +76,35 @@ def test_bad_requests_exit_2_before_any_work(setup, tmp_path, capsys, argv, mess
     code, _, err = choose(["-c", *paths, "-d", csv, "-o", str(tmp_path / "x.json"), *argv], capsys)
     assert code == 2 and message in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_same_checkpoint_twice_a_folder_and_other_classes_are_refused(setup, tmp_path, capsys):
+    import checkpoint
+    from models import FerNet
+    csv, paths = setup
+    again = os.path.join(os.path.dirname(paths[0]), ".", os.path.basename(paths[0]))
+    code, _, err = choose(["-c", paths[0], again, "-d", csv, "-o", str(tmp_path / "x.json")], capsys)
+    assert code == 2 and "a checkpoint is given twice" in err
+    code, _, err = choose(["-c", *paths, "-d", str(tmp_path), "-o", str(tmp_path / "x.json")], capsys)
+    assert code == 2 and "is a folder" in err
+    names = ["Happy", "Sad", "contempt"]
+    three = tmp_path / "three.pth"
+    torch.save({"format_version": checkpoint.FORMAT, "model_name": "vgg2_0_2", "class_names": names,
+                "model_state": FerNet("vgg2_0_2", class_names=names).state_dict()}, three)
+    code, _, err = choose(["-c", str(three), "-d", csv, "--min_members", "1", "-o", str(tmp_path / "x.json")], capsys)
+    assert code == 2 and "need a model of FER2013's seven classes" in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bad_rows_are_dropped_when_asked(setup, tmp_path, capsys):
+    csv, paths = setup
+    broken = tmp_path / "broken.csv"
+    broken.write_text(open(csv).read() + "3,1 2 3,PublicTest\n")
+    code, _, err = choose(["-c", *paths[:2], "-d", str(broken), "-o", str(tmp_path / "x.json")], capsys)
+    assert code == 2 and "--skip" in err
+    code, _, err = choose(["-c", *paths[:2], "-d", str(broken), "--skip_bad_rows", "-o", str(tmp_path / "x.json")],
+                          capsys)
+    assert code == 0 and json.loads((tmp_path / "x.json").read_text())["faces"] == 40, err
 
 
 def test_a_missing_checkpoint_is_a_clear_error(setup, tmp_path, capsys):

@@ -149,8 +149,7 @@ def test_report_writes_consistent_metrics_and_files(ckpts, split, tmp_path, caps
     assert (table["pred_label"].to_numpy() == probs.argmax(1)).all()
     assert m["accuracy"] == pytest.approx((table["pred_label"] == table["true_label"]).mean())
     from sklearn.metrics import f1_score
-    assert m["macro_f1"] == pytest.approx(f1_score(labels, table["pred_label"], labels=range(7),
-                                                   average="macro", zero_division=0))
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, table["pred_label"], average="macro", zero_division=0))
 
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("loss", "accuracy", "macro_f1", "n", "per_class", "confusion_matrix", "checkpoints",
@@ -192,6 +191,10 @@ def test_classes_absent_from_a_small_split(ckpts, split, tmp_path):
     m = report.report(predict.load_models([ckpts["a"]]), images[keep], labels[keep], str(tmp_path), num_save=2)
     assert m["per_class"]["Disgust"]["support"] == 0
     assert np.array(m["confusion_matrix"]).sum() == keep.sum()
+    # A perfect answer scores macro-F1 1: the classes neither present nor predicted are not averaged.
+    perfect, _ = report.compute_metrics(np.eye(7)[labels[keep]], labels[keep])
+    assert perfect["macro_f1"] == 1.0 and perfect["macro_f1_classes"] == ["Happy", "Neutral"]
+    assert len(perfect["per_class"]) == 7 and perfect["per_class"]["Disgust"]["f1"] == 0.0
 
 
 @pytest.mark.parametrize("tta", predict.TTA_MODES)

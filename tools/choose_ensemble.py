@@ -12,12 +12,14 @@ checkpoints are ranked too, for comparison; the pick is the best subset of at le
 """
 import itertools
 import os
+import shlex
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's modules
 
+import checkpoint  # noqa: E402
 import dataset  # noqa: E402
 import predict  # noqa: E402
 from utils import (Parser, autocast_dtype, check_writable, device_flags, flag, run_cli, save_json,  # noqa: E402
@@ -45,6 +47,7 @@ def main(argv):
     parser.add_argument("-c", "--checkpoint", nargs="+", required=True, metavar="PATH",
                         help="checkpoints (.pth, .onnx or run folders) to choose from")
     parser.add_argument("-d", "--dataset", required=True, help="FER2013-layout CSV, or 'synthetic'")
+    flag(parser, "--skip_bad_rows", action="store_true", help="drop malformed CSV rows (with a warning that counts them)")
     parser.add_argument("--tta", nargs="+", choices=predict.TTA_MODES, default=list(predict.TTA_MODES),
                         help="the TTA modes to try (default: all)")
     flag(parser, "--min_members", type=int, default=2, help="members of the pick, at least (default: 2)")
@@ -52,7 +55,11 @@ def main(argv):
     flag(parser, "--batch_size", type=int, default=None, help="faces per batch (default: 64 on a CPU, 512 on a GPU)")
     device_flags(parser)
     args = parser.parse_args(argv)
-    if len(set(args.checkpoint)) != len(args.checkpoint):
+    if os.path.isdir(args.dataset):
+        parser.error(f"-d {args.dataset} is a folder: the ranking is on FER2013's PublicTest, so -d takes a "
+                     "FER2013-layout CSV or 'synthetic'")
+    files = [os.path.realpath(checkpoint.resolve(p)) for p in args.checkpoint]  # RUN/ and RUN/x_best.pth agree
+    if len(set(files)) != len(files):
         parser.error("a checkpoint is given twice")
     if not 1 <= args.min_members <= len(args.checkpoint):
         parser.error(f"--min_members must be 1 to {len(args.checkpoint)} (the checkpoints given)")
@@ -62,7 +69,8 @@ def main(argv):
     check_writable(os.path.dirname(os.path.abspath(args.output)))  # before the slow part
     device = select_device(args.device)
     models = predict.load_models(args.checkpoint, device)
-    images, labels = dataset.load_fer2013(args.dataset).split("val")
+    predict.require_emotions(models, "the labels of FER2013's PublicTest")  # a folder-trained model's differ
+    images, labels = dataset.load_fer2013(args.dataset, args.skip_bad_rows).split("val")
 
     probs = {mode: [] for mode in modes}
     amp_dtype = autocast_dtype(args.amp, device)
@@ -78,8 +86,8 @@ def main(argv):
     print(f"\n{'PublicTest acc':>14}  {'TTA':<8} members")
     for r in ranking[:10]:
         print(f"{r['accuracy']:14.2%}  {r['tta']:<8} {' + '.join(r['members'])}")
-    command = (f"python3 infer.py --checkpoint {' '.join(pick['members'])} -d {args.dataset} "
-               f"--split test --tta {pick['tta']}")
+    command = (f"python3 infer.py --checkpoint {' '.join(map(shlex.quote, pick['members']))} "
+               f"-d {shlex.quote(args.dataset)} --split test --tta {pick['tta']}")
     print(f"\npick: {' + '.join(pick['members'])}, TTA {pick['tta']}: {pick['accuracy']:.2%} on PublicTest "
           f"(best single: {single['members'][0]}, TTA {single['tta']}, {single['accuracy']:.2%})\n"
           f"report it once on PrivateTest with:\n  {command}")
