@@ -161,11 +161,12 @@ def detect_emotions(models, image, tta="none", detect=True, device="cpu", colour
     factor = 1
     if isinstance(image, (str, os.PathLike)):
         try:
-            image, factor, _ = faces.read_image(image)
+            image, factor, _ = faces.read_image(image)  # upright (EXIF), in OpenCV's BGR order
         except faces.Skipped as why:
             raise ValueError(f"{image} {why}") from None
+        colours = "bgr"
     elif hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image: RGB whatever its mode
-        image, colours = np.asarray(image.convert("RGB")), "rgb"
+        image, colours = _pil_rgb(image), "rgb"
     image = np.asarray(image)
     if image.dtype != np.uint8 or not (image.ndim == 2 or image.ndim == 3 and image.shape[2] == 3):
         raise ValueError(f"expected a grey or 3-channel uint8 picture, got a {image.dtype} array of shape {image.shape}")
@@ -180,6 +181,21 @@ def detect_emotions(models, image, tta="none", detect=True, device="cpu", colour
 
 
 _shipped = []  # the default model of detect_emotions, loaded on first use
+
+
+def _pil_rgb(image):
+    """A PIL image as an RGB uint8 array, read as a path is (faces.read_image): turned upright by
+    its EXIF orientation, 16-bit grey scaled to 8 bits (PIL's convert would clip it to white)."""
+    from PIL import ImageOps
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "F":  # float grey, in [0, 1] or [0, 255]
+        grey = np.asarray(image, np.float64)
+        grey = grey * 255 if grey.max() <= 1 else grey
+    elif image.mode.startswith("I"):  # 16- or 32-bit integer grey: 8 bits, as OpenCV reads a 16-bit file
+        grey = np.asarray(image, np.float64) / 257
+    else:
+        return np.asarray(image.convert("RGB"))
+    return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
 
 
 def _default_models():

@@ -370,12 +370,26 @@ def test_astronaut_photo_gives_one_labelled_face(ckpts, astronaut_jpg, tmp_path,
     image = cv2.imread(astronaut_jpg)
     from PIL import Image
     rgb = np.ascontiguousarray(image[:, :, ::-1])
-    for source, colours in ((astronaut_jpg, "bgr"), (image, "bgr"), (rgb, "rgb"), (Image.fromarray(rgb), "bgr")):
-        [face] = predict.detect_emotions(models, source, colours=colours)  # a PIL image is always RGB
+    for source, colours in ((astronaut_jpg, "bgr"), (astronaut_jpg, "rgb"), (image, "bgr"), (rgb, "rgb"),
+                            (Image.fromarray(rgb), "bgr")):
+        [face] = predict.detect_emotions(models, source, colours=colours)  # a path or PIL image: any colours
         assert face["box"] == tuple(int(row[k]) for k in "xywh")
         assert face["emotion"] == row["emotion"] and list(face["emotions"]) == list(utils.EMOTIONS)
         np.testing.assert_allclose(list(face["emotions"].values()),
                                    [row[f"p_{n}"] for n in utils.EMOTIONS], atol=1e-6)
+    # A PIL image is read as a path is: upright by its EXIF orientation, 16-bit grey scaled to 8 bits.
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    deep = Image.fromarray((grey.astype(np.uint16) * 257)).convert("I;16")
+    assert predict.detect_emotions(models, deep) == predict.detect_emotions(models, grey) != []
+    turned = tmp_path / "turned.jpg"
+    stored = Image.fromarray(rgb).transpose(Image.Transpose.ROTATE_270)  # pixels on their side...
+    exif = stored.getexif()
+    exif[0x0112] = 8  # ...and the tag that turns them upright
+    stored.save(turned, quality=100, exif=exif)
+    [from_path] = predict.detect_emotions(models, str(turned))
+    [from_pil] = predict.detect_emotions(models, Image.open(turned))
+    assert np.abs(np.subtract(from_pil["box"], from_path["box"])).max() <= 2
+    assert from_pil["emotion"] == from_path["emotion"]
     whole = predict.detect_emotions(models, cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), detect=False)
     assert [f["box"] for f in whole] == [(0, 0, image.shape[1], image.shape[0])]
     assert predict.detect_emotions(models, np.zeros((200, 200, 3), np.uint8)) == []  # no face
