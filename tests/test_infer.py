@@ -433,11 +433,17 @@ def test_folder_with_broken_files(ckpts, astronaut_jpg, tmp_path, capsys):
     assert (out / "annotated" / "photos" / "deeper" / "Good.jpg").exists()
 
 
-def test_no_detect_takes_each_image_as_a_face(ckpts, split, tmp_path, capsys):
+def crops_folder(tmp_path, faces):
+    """tmp_path/crops holding each face as face<i>.png: a folder of pre-cropped faces."""
     folder = tmp_path / "crops"
     folder.mkdir()
-    for i in range(3):
-        cv2.imwrite(str(folder / f"face{i}.png"), split[0][i])
+    for i, face in enumerate(faces):
+        cv2.imwrite(str(folder / f"face{i}.png"), face)
+    return folder
+
+
+def test_no_detect_takes_each_image_as_a_face(ckpts, split, tmp_path, capsys):
+    folder = crops_folder(tmp_path, split[0][:3])
     out = tmp_path / "out"
     code, _, err = run_cli(["-c", ckpts["a"], "--images", str(folder), "--no-detect", "-o", str(out),
                             "--tta", "flip", "--device", "cpu", "--no-amp"], capsys)
@@ -463,10 +469,7 @@ def test_earlier_results_inside_a_searched_folder_are_not_taken_for_photos(ckpts
 
 
 def test_an_output_folder_used_again_keeps_the_earlier_results(ckpts, split, tmp_path, capsys):
-    folder = tmp_path / "crops"
-    folder.mkdir()
-    for i in range(3):
-        cv2.imwrite(str(folder / f"face{i}.png"), split[0][i])
+    folder = crops_folder(tmp_path, split[0][:3])
     out = tmp_path / "out"
     out.mkdir()  # an empty folder made for the results is used as it is
     for k, images in enumerate(([folder / "face0.png", folder / "face1.png"], [folder / "face2.png"])):
